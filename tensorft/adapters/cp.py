@@ -1,0 +1,236 @@
+"""CP / LoRTA (seed: lorta_paper.md; methods.md section 2).
+
+All attention updates of the model are ONE 5th-order tensor with a rank-r CP model,
+modes ``d_model x d_head x heads x layers x matrices``::
+
+    dW[l, m, h] = A diag(C_h[h] * C_l[l] * C_m[m]) B^T        (d_model x d_head)
+
+q, k, v carry the heads on their output axis, o on its input axis. Under GQA, k and v use
+their own head factor ``C_kv (H_kv x r)``. MLP targets (gate/up/down) form a second tensor
+``d_model x d_ffn x layers x matrices`` (down transposed).
+
+Fast path. Every slice has rank <= r, so one layer's update is the exact LoRA pair
+``(A_site: r x d_in, B_site: d_out x r)``; for q (heads on the output axis)::
+
+    A_site = A^T,    B_site = stack_h( B diag(s * C_h[h] * C_l[l] * C_m[m]) )
+
+and for o the roles swap (``A_site = B_site(q-style)^T``, ``B_site = A``). Building the pair
+costs ``O((d_in + d_out) r)``, the size of a LoRA's own parameters, and the step is then two
+thin matmuls exactly as in LoRA. No ``d x d`` matrix is ever built (the reference code builds
+4L of them per step). The same pair is the merge and PEFT-export rule.
+
+The factors are shared by all layers and live in ONE module (``model.tensorft.shared``);
+each layer's :class:`CPSite` only holds a plain reference to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..registry import register_adapter
+from ..topology import ATTENTION_ROLES, MLP_ROLES, Site
+from .base import AdapterKind, AdapterState, SiteAdapter
+
+# How far the C factors start from 1 (dW is zero at init through B = 0 either way).
+C_INIT_SPREAD = 0.2
+
+
+def _uniform_around_one(*shape: int) -> nn.Parameter:
+    return nn.Parameter(1.0 + C_INIT_SPREAD * (2 * torch.rand(*shape) - 1))
+
+
+def _kaiming_columns(rows: int, rank: int) -> nn.Parameter:
+    """``rows x r`` factor used as ``x @ A``: the fan-in is ``rows`` (LoRA's A init, transposed)."""
+    bound = 1.0 / math.sqrt(rows)
+    return nn.Parameter(torch.empty(rows, rank).uniform_(-bound, bound))
+
+
+class CPAttentionTensor(nn.Module):
+    """Factors of the attention tensor ``d x d_head x H x L x M``."""
+
+    def __init__(self, d: int, d_head: int, heads: int, kv_heads: int | None, layers: int, roles, rank: int):
+        super().__init__()
+        self.roles = list(roles)  # matrix index m -> role
+        self.A = _kaiming_columns(d, rank)
+        self.B = nn.Parameter(torch.zeros(d_head, rank))
+        self.C_heads = _uniform_around_one(heads, rank)
+        # Only a GQA model with k or v targeted needs a separate head factor.
+        self.C_kv_heads = _uniform_around_one(kv_heads, rank) if kv_heads else None
+        self.C_layers = _uniform_around_one(layers, rank)
+        self.C_matrices = _uniform_around_one(len(self.roles), rank)
+
+    def head_factor(self, role: str) -> torch.Tensor:
+        if role in ("k", "v") and self.C_kv_heads is not None:
+            return self.C_kv_heads
+        return self.C_heads
+
+    def site_factors(self, role: str, layer: int, scale: float):
+        """Exact LoRA pair ``(A_site, B_site)`` of layer ``layer``, matrix ``role``."""
+        c = self.C_layers[layer] * self.C_matrices[self.roles.index(role)] * scale  # (r,)
+        heads = self.head_factor(role)  # (H, r)
+        # stack_h(B diag(c * C_h[h])): (H * d_head) x r, head-major like HF's head layout
+        stacked = (heads[:, None, :] * c * self.B[None, :, :]).reshape(-1, self.B.shape[1])
+        if role == "o":  # heads on the input axis: dW = A (stacked)^T
+            return stacked.t(), self.A
+        return self.A.t(), stacked
+
+
+class CPMLPTensor(nn.Module):
+    """Factors of the MLP tensor ``d x d_ffn x L x M_mlp``."""
+
+    def __init__(self, d: int, d_ffn: int, layers: int, roles, rank: int):
+        super().__init__()
+        self.roles = list(roles)
+        self.A = _kaiming_columns(d, rank)
+        self.B = nn.Parameter(torch.zeros(d_ffn, rank))
+        self.C_layers = _uniform_around_one(layers, rank)
+        self.C_matrices = _uniform_around_one(len(self.roles), rank)
+
+    def site_factors(self, role: str, layer: int, scale: float):
+        c = self.C_layers[layer] * self.C_matrices[self.roles.index(role)] * scale
+        ffn_side = self.B * c  # d_ffn x r
+        if role == "down":  # d_ffn -> d: transposed orientation
+            return ffn_side.t(), self.A
+        return self.A.t(), ffn_side
+
+
+class CPFactors(nn.Module):
+    def __init__(self, attention: CPAttentionTensor | None, mlp: CPMLPTensor | None):
+        super().__init__()
+        self.attention = attention
+        self.mlp = mlp
+
+
+class CPSite(SiteAdapter):
+    """One layer's view of the shared CP factors. Owns no parameters."""
+
+    def __init__(self, site: Site, tensor: nn.Module, scale: float, dropout: float):
+        super().__init__(site)
+        self.role, self.layer, self.scale = site.role, site.layer, scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # A plain reference, not a submodule: the factors are registered once, at the root.
+        object.__setattr__(self, "_tensor", tensor)
+
+    def adapter_dtype(self) -> torch.dtype:
+        return self._tensor.A.dtype
+
+    def lora_factors(self):
+        A_site, B_site = self._tensor.site_factors(self.role, self.layer, self.scale)
+        return A_site, B_site, 1.0
+
+    def forward(self, x: torch.Tensor, state: AdapterState) -> torch.Tensor:
+        A_site, B_site = self._tensor.site_factors(self.role, self.layer, self.scale)
+        x = self.dropout(x.to(A_site.dtype))
+        return F.linear(F.linear(x, A_site), B_site)
+
+
+@register_adapter("cp")
+class CP(AdapterKind):
+    def _split(self, sites):
+        attn = [s for s in sites if s.role in ATTENTION_ROLES]
+        mlp = [s for s in sites if s.role in MLP_ROLES]
+        return attn, mlp
+
+    def _roles(self, sites, order):
+        present = {s.role for s in sites}
+        return [r for r in order if r in present]
+
+    def _separate_kv_heads(self, attn_sites) -> bool:
+        sh = self.shape
+        return sh.num_kv_heads != sh.num_heads and any(s.role in ("k", "v") for s in attn_sites)
+
+    def _d_ffn(self, mlp_sites) -> int:
+        s = mlp_sites[0]
+        return s.in_features if s.role == "down" else s.out_features
+
+    def check_sites(self, sites: list[Site]) -> None:
+        sh = self.shape
+        seen: dict[tuple, str] = {}
+        for s in sites:
+            if s.role is None:
+                raise ConfigError(
+                    f"adapter.targets: cp needs to know which matrix {s.name} is; "
+                    "target q/k/v/o or gate/up/down projections (e.g. q_proj, v_proj)"
+                )
+            if s.layer is None or not 0 <= s.layer < sh.num_layers:
+                raise ConfigError(
+                    f"adapter.targets: cp cannot find the layer index of {s.name} "
+                    f"(model has {sh.num_layers} layers)"
+                )
+            key = (s.layer, s.role)
+            if key in seen:
+                raise ConfigError(
+                    f"adapter.targets: {seen[key]} and {s.name} are both layer {s.layer} {s.role}; "
+                    "cp adapts one matrix per (layer, role)"
+                )
+            seen[key] = s.name
+        d, dh = sh.hidden_size, sh.head_dim
+        attn, mlp = self._split(sites)
+        expected = {
+            "q": (d, sh.num_heads * dh),
+            "k": (d, sh.num_kv_heads * dh),
+            "v": (d, sh.num_kv_heads * dh),
+            "o": (sh.num_heads * dh, d),
+        }
+        if mlp:
+            f = self._d_ffn(mlp)
+            expected.update({"gate": (d, f), "up": (d, f), "down": (f, d)})
+        for s in sites:
+            want = expected[s.role]
+            if (s.in_features, s.out_features) != want:
+                raise ConfigError(
+                    f"adapter.targets: {s.name} is {s.in_features}->{s.out_features}, but a {s.role} "
+                    f"projection of this model should be {want[0]}->{want[1]} "
+                    f"(hidden {d}, {sh.num_heads} heads, {sh.num_kv_heads} kv heads, head_dim {dh})"
+                )
+
+    def build_shared(self, sites: list[Site]) -> CPFactors:
+        sh, r = self.shape, self.config.rank
+        attn, mlp = self._split(sites)
+        attention = None
+        if attn:
+            attention = CPAttentionTensor(
+                d=sh.hidden_size,
+                d_head=sh.head_dim,
+                heads=sh.num_heads,
+                kv_heads=sh.num_kv_heads if self._separate_kv_heads(attn) else None,
+                layers=sh.num_layers,
+                roles=self._roles(attn, ATTENTION_ROLES),
+                rank=r,
+            )
+        mlp_tensor = None
+        if mlp:
+            mlp_tensor = CPMLPTensor(
+                d=sh.hidden_size,
+                d_ffn=self._d_ffn(mlp),
+                layers=sh.num_layers,
+                roles=self._roles(mlp, MLP_ROLES),
+                rank=r,
+            )
+        return CPFactors(attention, mlp_tensor)
+
+    def build_site(self, site: Site, shared: CPFactors) -> CPSite:
+        tensor = shared.attention if site.role in ATTENTION_ROLES else shared.mlp
+        return CPSite(site, tensor, self.scale, self.config.dropout)
+
+    def parameter_count(self, sites: list[Site]) -> int:
+        """Attention: ``r (d + d_head + H [+ H_kv] + L + M)``; MLP: ``r (d + d_ffn + L + M_mlp)``."""
+        sh, r = self.shape, self.config.rank
+        attn, mlp = self._split(sites)
+        total = 0
+        if attn:
+            kv = sh.num_kv_heads if self._separate_kv_heads(attn) else 0
+            m = len(self._roles(attn, ATTENTION_ROLES))
+            total += r * (sh.hidden_size + sh.head_dim + sh.num_heads + kv + sh.num_layers + m)
+        if mlp:
+            m = len(self._roles(mlp, MLP_ROLES))
+            total += r * (sh.hidden_size + self._d_ffn(mlp) + sh.num_layers + m)
+        return total
+
+    def describe_site(self, site: Site) -> str:
+        return f"{site.role} {site.in_features}->{site.out_features}: rank-{self.config.rank} slices of shared"

@@ -1,0 +1,99 @@
+"""The ``tensorft`` command: ``params``, ``merge``, ``export-peft``.
+
+Bad input ends with one line on stderr naming the problem, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print usage first)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _params(args) -> int:
+    from .config import load_config
+    from .loading import build_meta_model
+    from .model import attach, count_parameters, root_of
+    from .params import format_table, parameter_table
+
+    cfg = load_config(args.config, args.set)
+    model = build_meta_model(cfg.model)
+    base = sum(p.numel() for p in model.parameters())
+    attach(model, cfg.adapter)
+    rows, total = parameter_table(model)
+    root = root_of(model)
+    expected = root.kind.parameter_count(list(layer.site for layer in root.layers.values()))
+    expected += sum(r[3] for r in rows if r[0].startswith("saved "))
+    if total != count_parameters(model) or total != expected:  # pragma: no cover - a bug, not input
+        raise AssertionError(f"parameter count mismatch: table {total}, formula {expected}")
+    print(f"{cfg.model.name_or_path}: adapter kind {cfg.adapter.kind}, rank {cfg.adapter.rank}")
+    print(format_table(rows, total, base))
+    return 0
+
+
+def _merge(args) -> int:
+    from .export import merge_to_dir
+
+    merge_to_dir(args.adapter_dir, args.out_dir)
+    print(f"merged model written to {os.path.abspath(args.out_dir)}")
+    return 0
+
+
+def _export_peft(args) -> int:
+    from .export import export_peft
+    from .saving import from_pretrained, read_adapter_config
+    from .registry import adapter_kind
+
+    adapter, _, _ = read_adapter_config(args.adapter_dir)
+    adapter_kind(adapter.kind).ensure_exportable()  # before any weight is read
+    model = from_pretrained(args.adapter_dir)
+    export_peft(model, args.out_dir)
+    print(f"PEFT LoRA adapter written to {os.path.abspath(args.out_dir)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tensorft", description="Tensor-factorized adapters for LLM fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("params", help="count adapter parameters from a config (no weights read)")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(func=_params)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base and write a dense HF model")
+    p.add_argument("adapter_dir")
+    p.add_argument("out_dir")
+    p.set_defaults(func=_merge)
+
+    p = sub.add_parser("export-peft", help="write an adapter as a standard PEFT LoRA adapter")
+    p.add_argument("adapter_dir")
+    p.add_argument("out_dir")
+    p.set_defaults(func=_export_peft)
+    return parser
+
+
+def run(argv=None) -> int:
+    """Run a command; user errors become one line on stderr and exit code 2."""
+    from .errors import TensorftError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TensorftError as e:
+        print(f"tensorft: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv=None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()

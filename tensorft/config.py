@@ -1,0 +1,242 @@
+"""YAML configs: a few dataclasses, validated on load.
+
+Every key a user can write is a dataclass field here (or a field of the adapter kind's own
+options class), so an unknown or mistyped key is reported with its full dotted path. ``--set
+a.b=value`` overrides any key; the value is parsed as YAML (``4`` is an int, ``[q, v]`` a list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+DTYPES = ("float32", "bfloat16", "float16")
+TASKS = ("causal-lm", "seq-cls")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # causal-lm: AutoModelForCausalLM; seq-cls: AutoModelForSequenceClassification (encoders).
+    task: Literal["causal-lm", "seq-cls"] = "causal-lm"
+    num_labels: int | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    """Keys every kind shares; a kind's own keys (e.g. ``tt_shapes``) go to ``options``."""
+
+    kind: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    dropout: float = 0.0
+    # Whole modules trained and saved next to the adapter (a classification head, say).
+    modules_to_save: list[str] = field(default_factory=list)
+    seed: int = 0
+    options: Any = None  # the kind's options dataclass instance, filled by ``parse_adapter``
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        if self.options is not None:
+            out.update(dataclasses.asdict(self.options))
+        return out
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+
+    def to_dict(self) -> dict:
+        return {"model": dataclasses.asdict(self.model), "adapter": self.adapter.to_dict()}
+
+
+# --------------------------------------------------------------------------- generic parsing
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """Check ``value`` against annotation ``tp``; return it (ints accepted for floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = args or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    raise ConfigError(f"{key}: cannot check values of type {_type_name(tp)}")
+
+
+def from_dict(cls, data, prefix: str, skip: tuple[str, ...] = ()):
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            where = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _coerce(data[name], hints[name], where)
+    return cls(**kwargs)
+
+
+def parse_adapter(data: dict | None, prefix: str = "adapter") -> AdapterConfig:
+    """Common adapter keys plus the kind's own keys, each checked."""
+    from .registry import adapter_kind
+
+    data = dict(data or {})
+    common = {f.name for f in dataclasses.fields(AdapterConfig)} - {"options"}
+    kind_name = data.get("kind", AdapterConfig.kind)
+    if not isinstance(kind_name, str):
+        raise ConfigError(f"{prefix}.kind: expected a string, got {kind_name!r}")
+    kind = adapter_kind(kind_name)
+    own = {k: v for k, v in data.items() if k not in common}
+    known_own = [f.name for f in dataclasses.fields(kind.options_cls)]
+    for key in own:
+        if key not in known_own:
+            raise ConfigError(
+                f"{prefix}.{key}: unknown key for kind {kind_name!r} "
+                f"(known: {', '.join(sorted(common | set(known_own)))})"
+            )
+    cfg = from_dict(AdapterConfig, {k: v for k, v in data.items() if k in common}, prefix, skip=("options",))
+    cfg.options = from_dict(kind.options_cls, own, prefix)
+    if cfg.rank < 1:
+        raise ConfigError(f"{prefix}.rank: must be at least 1, got {cfg.rank}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"{prefix}.dropout: must be in [0, 1), got {cfg.dropout}")
+    if not cfg.targets:
+        raise ConfigError(f"{prefix}.targets: empty list; name at least one module, e.g. [q_proj, v_proj]")
+    kind.check_options(cfg, prefix)
+    return cfg
+
+
+# --------------------------------------------------------------------------- files and overrides
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` strings to nested ``data`` (values parsed as YAML)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set {item}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (model:, adapter:, ...)")
+    return data
+
+
+def parse_config(data: dict) -> Config:
+    known = [f.name for f in dataclasses.fields(Config)]
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown section (known: {', '.join(known)})")
+    return Config(
+        model=from_dict(ModelConfig, data.get("model"), "model"),
+        adapter=parse_adapter(data.get("adapter")),
+    )
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a YAML config. Relative model paths resolve from the file."""
+    data = apply_overrides(read_yaml(path), overrides or [])
+    cfg = parse_config(data)
+    name = cfg.model.name_or_path
+    if name and not os.path.isabs(name):
+        candidate = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+        if os.path.exists(candidate) and not os.path.exists(name):
+            cfg.model.name_or_path = os.path.normpath(candidate)
+    return cfg

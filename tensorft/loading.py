@@ -1,0 +1,90 @@
+"""Loading a base model the way a config describes it (dtype, 4/8-bit quantization, task)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import ModelConfig
+from .errors import ConfigError, TensorftError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def quantization_config(model_cfg: ModelConfig):
+    """The bitsandbytes config for ``model.quantization`` (None for ``none``)."""
+    from transformers import BitsAndBytesConfig
+
+    q = model_cfg.quantization
+    if q == "none":
+        return None
+    if q == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q,  # nf4 | fp4
+        bnb_4bit_compute_dtype=torch_dtype(model_cfg.dtype),
+        bnb_4bit_use_double_quant=False,
+    )
+
+
+def auto_class(model_cfg: ModelConfig):
+    import transformers
+
+    return {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "seq-cls": transformers.AutoModelForSequenceClassification,
+    }[model_cfg.task]
+
+
+def _task_kwargs(model_cfg: ModelConfig) -> dict:
+    if model_cfg.task == "seq-cls" and model_cfg.num_labels is not None:
+        return {"num_labels": model_cfg.num_labels}
+    return {}
+
+
+def check_source(name_or_path: str) -> None:
+    if not name_or_path:
+        raise ConfigError("model.name_or_path: missing; name a Hugging Face model id or a local directory")
+    # A path (not a hub id like "org/name") must exist before anything else starts.
+    if name_or_path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise ConfigError(f"model.name_or_path: {name_or_path} is not a directory")
+
+
+def load_base_model(model_cfg: ModelConfig, **hf_kwargs):
+    """The base model for ``model_cfg`` (weights loaded, quantized if asked)."""
+    check_source(model_cfg.name_or_path)
+    kwargs = dict(dtype=torch_dtype(model_cfg.dtype), trust_remote_code=model_cfg.trust_remote_code)
+    qcfg = quantization_config(model_cfg)
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+    kwargs.update(_task_kwargs(model_cfg))
+    kwargs.update(hf_kwargs)
+    try:
+        return auto_class(model_cfg).from_pretrained(model_cfg.name_or_path, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TensorftError(f"model.name_or_path: cannot load {model_cfg.name_or_path}: {first}") from None
+
+
+def build_meta_model(model_cfg: ModelConfig):
+    """The model's modules on the meta device from its config.json alone (no weights read)."""
+    import transformers
+
+    check_source(model_cfg.name_or_path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code, **_task_kwargs(model_cfg)
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TensorftError(f"model.name_or_path: cannot read the config of {model_cfg.name_or_path}: {first}") from None
+    with torch.device("meta"):
+        return auto_class(model_cfg).from_config(
+            config, dtype=torch_dtype(model_cfg.dtype), trust_remote_code=model_cfg.trust_remote_code
+        )

@@ -1,0 +1,201 @@
+"""Saving and loading adapters; writing files atomically.
+
+An adapter directory holds ``adapter_config.json`` (kind, hyper-parameters, the base model and
+how it was loaded) and ``adapter_model.safetensors`` (the adapter parameters, named as in the
+model). Files are written to a temporary name and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import AdapterConfig, ModelConfig, from_dict, parse_adapter
+from .errors import TensorftError
+from .model import adapter_parameters, attach, root_of, unwrap
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+# Keys of adapter_config.json that are not adapter hyper-parameters.
+META_KEYS = ("tensorft_version", "base_model_name_or_path", "base_model_class", "model")
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_file(path: str) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def new_output_dir(path: str) -> Iterator[str]:
+    """Yield a temporary directory that becomes ``path`` only if the block succeeds.
+
+    ``path`` must not exist yet (or be empty): finished outputs are never overwritten.
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise TensorftError(f"{path}: already exists and is not empty; remove it or choose another output")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            os.rmdir(path)  # empty, checked above
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str, data: dict) -> None:
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+
+
+def save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+# --------------------------------------------------------------------------- describing a model
+
+
+def describe_base(model: nn.Module) -> tuple[str, dict]:
+    """(base name or absolute path, the model section that reloads it)."""
+    config = model.config
+    name = getattr(config, "_name_or_path", "") or ""
+    if name and os.path.isdir(name):
+        name = os.path.abspath(name)
+    quant = "none"
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None:
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        if qc.get("load_in_4bit"):
+            quant = qc.get("bnb_4bit_quant_type", "nf4")
+        elif qc.get("load_in_8bit"):
+            quant = "int8"
+    dtype = str(getattr(model, "dtype", torch.float32)).replace("torch.", "")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        dtype = "float32"
+    is_cls = type(model).__name__.endswith("ForSequenceClassification")
+    section = dataclasses.asdict(
+        ModelConfig(
+            name_or_path=name,
+            quantization=quant,
+            dtype=dtype,
+            task="seq-cls" if is_cls else "causal-lm",
+            num_labels=getattr(config, "num_labels", None) if is_cls else None,
+            trust_remote_code=False,
+        )
+    )
+    return name, section
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous().clone() for n, p in adapter_parameters(model).items()}
+
+
+def save(model: nn.Module, out_dir: str) -> str:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir``."""
+    model = unwrap(model)
+    root = root_of(model)
+    name, model_section = describe_base(model)
+    config = {
+        "tensorft_version": __version__,
+        **root.config.to_dict(),
+        "base_model_name_or_path": name,
+        "base_model_class": type(model).__name__,
+        "model": model_section,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    # Weights first, config last: a directory with a config always has matching weights.
+    save_safetensors(os.path.join(out_dir, WEIGHTS_NAME), adapter_state_dict(model), {"format": "pt"})
+    write_json(os.path.join(out_dir, CONFIG_NAME), config)
+    return out_dir
+
+
+def read_adapter_config(adapter_dir: str) -> tuple[AdapterConfig, ModelConfig, dict]:
+    path = os.path.join(adapter_dir, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise TensorftError(f"{adapter_dir}: no {CONFIG_NAME} here (not a tensorft adapter directory)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TensorftError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if "peft_type" in raw:
+        raise TensorftError(f"{path}: this is a PEFT adapter; load it with peft.PeftModel.from_pretrained")
+    adapter = parse_adapter({k: v for k, v in raw.items() if k not in META_KEYS}, prefix=CONFIG_NAME)
+    model_cfg = from_dict(ModelConfig, raw.get("model") or {}, f"{CONFIG_NAME}.model")
+    if not model_cfg.name_or_path:
+        model_cfg.name_or_path = raw.get("base_model_name_or_path", "")
+    return adapter, model_cfg, raw
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: str) -> nn.Module:
+    """Copy saved adapter parameters into a model that has the same adapters attached."""
+    path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise TensorftError(f"{adapter_dir}: missing {WEIGHTS_NAME}")
+    saved = load_file(path)
+    params = adapter_parameters(model)
+    missing = sorted(set(params) - set(saved))
+    extra = sorted(set(saved) - set(params))
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise TensorftError(f"{path}: does not fit this model ({what}; {len(missing)} missing, {len(extra)} unexpected)")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(saved[name].shape) != tuple(p.shape):
+                raise TensorftError(
+                    f"{path}: {name} has shape {tuple(saved[name].shape)}, the model expects {tuple(p.shape)}"
+                )
+            p.copy_(saved[name].to(dtype=p.dtype, device=p.device))
+    return model
+
+
+def from_pretrained(adapter_dir: str, **model_kwargs) -> nn.Module:
+    """Load the base model named in ``adapter_dir`` and attach the saved adapter.
+
+    Keyword arguments that are ``model:`` config keys (``quantization``, ``dtype``,
+    ``name_or_path``, ...) override the saved ones; the rest go to Hugging Face
+    ``from_pretrained`` (``device_map=...``, say).
+    """
+    from .loading import load_base_model
+
+    adapter, model_cfg, _ = read_adapter_config(adapter_dir)
+    overrides = {k: model_kwargs.pop(k) for k in list(model_kwargs) if k in ModelConfig.__dataclass_fields__}
+    if overrides:
+        model_cfg = from_dict(ModelConfig, {**dataclasses.asdict(model_cfg), **overrides}, "model")
+    model = load_base_model(model_cfg, **model_kwargs)
+    attach(model, adapter)
+    load_adapter_weights(model, adapter_dir)
+    return model

@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny Hugging Face models built in code (real classes, random weights)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(kv_heads=4, heads=4, hidden=64, layers=2, head_dim=None, seed=0, dtype=torch.float32):
+    """A 2-layer Llama (MHA when kv_heads == heads, GQA otherwise)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim or hidden // heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.eval()
+    return model
+
+
+def tiny_mistral(seed=0):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+    )
+    return MistralForCausalLM(cfg).eval()
+
+
+def tiny_qwen2(seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_bert(seed=0, num_labels=3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def randomize_adapters(model, seed=1, scale=0.5):
+    """Give every adapter parameter random values (zero-init would hide orientation bugs)."""
+    import tensorft
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tensorft.adapter_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+    return model
+
+
+def tokens(batch=2, seq=7, vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+@pytest.fixture
+def hub_offline():
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
