@@ -14,7 +14,7 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_llama(kv_heads=4, heads=4, hidden=64, layers=2, head_dim=None, seed=0, dtype=torch.float32):
+def tiny_llama(kv_heads=4, heads=4, hidden=64, layers=2, head_dim=None, seed=0, dtype=torch.float32, intermediate=128):
     """A 2-layer Llama (MHA when kv_heads == heads, GQA otherwise)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -22,7 +22,7 @@ def tiny_llama(kv_heads=4, heads=4, hidden=64, layers=2, head_dim=None, seed=0, 
     cfg = LlamaConfig(
         vocab_size=128,
         hidden_size=hidden,
-        intermediate_size=96,
+        intermediate_size=intermediate,  # bitsandbytes' CPU kernels want multiples of 64
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,

@@ -189,7 +189,7 @@ def test_tt_default_and_explicit_shapes():
     q = model.tensorft.layers["model.layers.0.self_attn.q_proj"].adapter
     assert [tuple(c.shape) for c in q.cores] == [(1, 4, 2), (2, 4, 2), (2, 4, 2), (2, 2, 2), (2, 32, 1)]
     down = model.tensorft.layers["model.layers.0.mlp.down_proj"].adapter
-    assert down.in_modes == balanced_factors(96) and down.out_modes == balanced_factors(64)
+    assert down.in_modes == balanced_factors(128) == [16, 8] and down.out_modes == balanced_factors(64) == [8, 8]
 
 
 def test_tt_cores_path_equals_factors_path():

@@ -1,0 +1,79 @@
+"""bitsandbytes bases (nf4, fp4 4-bit; int8) and bf16: forward, backward, only adapters learn."""
+
+import pytest
+import torch
+
+import tensorft
+from conftest import ATTN, MLP, randomize_adapters, tiny_llama, tokens
+from tensorft.config import ModelConfig
+from tensorft.loading import load_base_model
+
+KINDS = ["lora", "cp", "tt"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qbase") / "tiny-llama"
+    tiny_llama(kv_heads=2).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "fp4", "int8"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantized_base_forward_backward(base_dir, quantization, kind):
+    import bitsandbytes as bnb
+
+    model = load_base_model(ModelConfig(name_or_path=base_dir, quantization=quantization))
+    tensorft.attach(model, {"kind": kind, "rank": 2, "targets": ATTN + MLP})
+    expected = bnb.nn.Linear8bitLt if quantization == "int8" else bnb.nn.Linear4bit
+    layers = model.tensorft.layers
+    assert all(isinstance(layer.base_layer, expected) for layer in layers.values())
+    randomize_adapters(model, scale=0.2)
+
+    # The adapted layer adds exactly the adapter's update on top of the quantized base output.
+    layer = layers["model.layers.1.self_attn.o_proj"]
+    x = torch.randn(2, 3, layer.in_features)
+    with torch.no_grad():
+        delta = torch.nn.functional.linear(x, layer.adapter.delta_weight())
+        torch.testing.assert_close(layer(x) - layer.base_layer(x), delta, rtol=1e-4, atol=1e-4)
+
+    model.train()
+    ids = tokens()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == set(tensorft.adapter_parameters(model))
+    assert all(p.grad.abs().sum() > 0 for p in tensorft.adapter_parameters(model).values())
+    with pytest.raises(tensorft.TensorftError, match="cannot merge into a Linear"):
+        tensorft.merge(model)
+    assert not any(layer.merged for layer in layers.values())
+
+
+def test_nf4_adapter_saves_and_reloads_quantized(base_dir, tmp_path):
+    model = load_base_model(ModelConfig(name_or_path=base_dir, quantization="nf4"))
+    tensorft.attach(model, {"kind": "cp", "rank": 2, "targets": ATTN})
+    randomize_adapters(model)
+    tensorft.save(model, str(tmp_path / "a"))
+    loaded = tensorft.from_pretrained(str(tmp_path / "a"))
+    import bitsandbytes as bnb
+
+    assert isinstance(loaded.tensorft.layers["model.layers.0.self_attn.q_proj"].base_layer, bnb.nn.Linear4bit)
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        # the same adapter on the full-precision base: close to, not equal to, the nf4 result
+        full = tensorft.from_pretrained(str(tmp_path / "a"), quantization="none")
+        assert isinstance(full.tensorft.layers["model.layers.0.self_attn.q_proj"].base_layer, torch.nn.Linear)
+        assert not torch.equal(full(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_base_keeps_fp32_adapters(kind):
+    model = tensorft.attach(tiny_llama(dtype=torch.bfloat16), {"kind": kind, "rank": 2, "targets": ATTN})
+    assert all(p.dtype == torch.float32 for p in tensorft.adapter_parameters(model).values())
+    randomize_adapters(model)
+    ids = tokens()
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(p.grad is not None for p in tensorft.adapter_parameters(model).values())
