@@ -147,6 +147,8 @@ def parse_adapter(data: dict | None, prefix: str = "adapter") -> AdapterConfig:
     """Common adapter keys plus the kind's own keys, each checked."""
     from .registry import adapter_kind
 
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of adapter keys, got {data!r}")
     data = dict(data or {})
     common = {f.name for f in dataclasses.fields(AdapterConfig)} - {"options"}
     kind_name = data.get("kind", AdapterConfig.kind)

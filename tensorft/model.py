@@ -24,11 +24,32 @@ from .topology import ModelShape, Site, find_sites, matches
 ROOT_NAME = "tensorft"
 
 
+def keep_4bit_weight_trainable(base_layer: nn.Module) -> None:
+    """Stop bitsandbytes from repacking a CPU 4-bit weight for inference.
+
+    bitsandbytes 0.50 repacks a CPU ``Linear4bit`` weight on its first eval-mode forward and
+    then runs every later forward, training ones included, through a kernel with no autograd:
+    gradients through the base come out silently wrong (measured: 18% off after one eval
+    pass). Adapters train through the base, so keep (or restore) the trainable layout.
+    """
+    if not hasattr(base_layer, "support_avx512bf16_for_cpu"):
+        return
+    base_layer.support_avx512bf16_for_cpu = False
+    state = getattr(base_layer.weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        base_layer.weight.data, base_layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            base_layer.weight.data, state
+        )
+
+
 class AdaptedLinear(nn.Module):
     """``y = base(x) + s f(x)``: a frozen (possibly 4/8-bit) linear layer plus its adapter."""
 
     def __init__(self, base_layer: nn.Module, adapter: SiteAdapter, site: Site, state: AdapterState):
         super().__init__()
+        keep_4bit_weight_trainable(base_layer)
         self.base_layer = base_layer
         self.adapter = adapter
         self.site = site

@@ -165,7 +165,10 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str) -> nn.Module:
     path = os.path.join(adapter_dir, WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise TensorftError(f"{adapter_dir}: missing {WEIGHTS_NAME}")
-    saved = load_file(path)
+    try:
+        saved = load_file(path)
+    except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
+        raise TensorftError(f"{path}: cannot read ({e})") from None
     params = adapter_parameters(model)
     missing = sorted(set(params) - set(saved))
     extra = sorted(set(saved) - set(params))

@@ -82,7 +82,6 @@ def test_each_layer_and_model_match_dense_reference(model_name, adapter):
     reference_model = copy.deepcopy(base)
     model = tensorft.attach(base, {**adapter, "targets": ALL}).double()
     randomize_adapters(model)
-    x = torch.randn(5, 3, model.config.hidden_size, dtype=torch.float64)
     with torch.no_grad():
         for name, layer in model.tensorft.layers.items():
             dw = reference_delta(model, name)
@@ -93,7 +92,6 @@ def test_each_layer_and_model_match_dense_reference(model_name, adapter):
             reference_model.get_submodule(name).weight += dw
         ids = tokens()
         torch.testing.assert_close(model(ids).logits, reference_model(ids).logits, rtol=0, atol=1e-10)
-    del x
 
 
 @pytest.mark.parametrize("adapter", KINDS, ids=_id)
@@ -196,7 +194,6 @@ def test_tt_cores_path_equals_factors_path():
     torch.manual_seed(0)
     model = tensorft.attach(tiny_llama(), {"kind": "tt", "rank": 4, "targets": ALL}).double()
     randomize_adapters(model)
-    x = torch.randn(2, 5, 64, dtype=torch.float64)
     for layer in model.tensorft.layers.values():
         inp = torch.randn(2, 5, layer.in_features, dtype=torch.float64)
         layer.adapter.path = "factors"
@@ -204,7 +201,6 @@ def test_tt_cores_path_equals_factors_path():
         layer.adapter.path = "cores"
         b = layer.adapter(inp, model.tensorft.state)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
-    del x
 
 
 class _ShapeRecorder(TorchDispatchMode):

@@ -180,3 +180,17 @@ def test_unmergeable_kind_says_so_in_one_line(base_dir, tmp_path):
         assert not (tmp_path / "x").exists()
     finally:
         del _ADAPTERS["test-routed"]
+
+
+def test_corrupt_adapter_files_are_reported(base_dir, tmp_path):
+    tensorft.save(trained(base_dir, KINDS[1], targets=["q_proj"]), str(tmp_path / "a"))
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    model = tensorft.attach(load_base(base_dir), {"kind": "cp", "rank": 4, "targets": ["q_proj"]})
+    with pytest.raises(tensorft.TensorftError, match="adapter_model.safetensors: cannot read"):
+        tensorft.load_adapter_weights(model, str(tmp_path / "a"))
+    (tmp_path / "a" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(tensorft.TensorftError, match="adapter_config.json: invalid JSON"):
+        tensorft.from_pretrained(str(tmp_path / "a"))
+    with pytest.raises(tensorft.ConfigError, match="adapter: expected a mapping"):
+        tensorft.config.parse_config({"adapter": ["q_proj"]})

@@ -77,3 +77,35 @@ def test_bf16_base_keeps_fp32_adapters(kind):
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
     assert all(p.grad is not None for p in tensorft.adapter_parameters(model).values())
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "fp4"])
+def test_4bit_gradients_equal_dense_dequantized_reference_even_after_eval(base_dir, quantization):
+    """QLoRA-style gradients are the ones of the dequantized model, also after an eval pass
+    (bitsandbytes' CPU inference repacking would otherwise corrupt them silently)."""
+    import bitsandbytes.functional as bnbf
+    from transformers import AutoModelForCausalLM
+
+    adapter = {"kind": "cp", "rank": 2, "targets": ATTN + MLP}
+    q = tensorft.attach(load_base_model(ModelConfig(name_or_path=base_dir, quantization=quantization)), adapter)
+    randomize_adapters(q, scale=0.2)
+    dense = tensorft.attach(AutoModelForCausalLM.from_pretrained(base_dir), adapter)
+    ids = tokens()
+    q.eval()
+    with torch.no_grad():
+        q(ids)  # an evaluation pass in the middle of training
+    with torch.no_grad():
+        for name, layer in q.tensorft.layers.items():
+            w = layer.base_layer.weight
+            dense.tensorft.layers[name].base_layer.weight.copy_(bnbf.dequantize_4bit(w.data, w.quant_state).float())
+        for name, p in tensorft.adapter_parameters(q).items():
+            tensorft.adapter_parameters(dense)[name].copy_(p)
+    q.train()
+    dense.train()
+    q_loss = q(ids, labels=ids).loss
+    d_loss = dense(ids, labels=ids).loss
+    q_loss.backward()
+    d_loss.backward()
+    torch.testing.assert_close(q_loss, d_loss, rtol=1e-4, atol=1e-4)
+    for name, p in tensorft.adapter_parameters(q).items():
+        torch.testing.assert_close(p.grad, tensorft.adapter_parameters(dense)[name].grad, rtol=1e-3, atol=1e-4)

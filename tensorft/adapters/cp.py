@@ -110,9 +110,8 @@ class CPSite(SiteAdapter):
     """One layer's view of the shared CP factors. Owns no parameters."""
 
     def __init__(self, site: Site, tensor: nn.Module, scale: float, dropout: float):
-        super().__init__(site)
+        super().__init__(site, dropout)
         self.role, self.layer, self.scale = site.role, site.layer, scale
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # A plain reference, not a submodule: the factors are registered once, at the root.
         object.__setattr__(self, "_tensor", tensor)
 
@@ -125,6 +124,8 @@ class CPSite(SiteAdapter):
 
     def forward(self, x: torch.Tensor, state: AdapterState) -> torch.Tensor:
         A_site, B_site = self._tensor.site_factors(self.role, self.layer, self.scale)
+        if A_site.device != x.device:  # a model split over GPUs (device_map): factors live on one
+            A_site, B_site = A_site.to(x.device), B_site.to(x.device)
         x = self.dropout(x.to(A_site.dtype))
         return F.linear(F.linear(x, A_site), B_site)
 

@@ -73,9 +73,9 @@ class TTSite(SiteAdapter):
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(ranks[k], s, ranks[k + 1])) for k, s in enumerate(modes)
         )
-        self._init(rank)
+        self._init()
 
-    def _init(self, rank: int) -> None:
+    def _init(self) -> None:
         # Input side: A_tt entries get LoRA-A's variance 1/(3 d_in); output side: unit-scale
         # cores and a zero last core, so B_tt (and dW) is zero at step 0 as LoRA's B.
         d_in = math.prod(self.in_modes)
