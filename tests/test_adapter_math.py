@@ -253,3 +253,21 @@ def test_task_ids_reach_the_adapter_state_and_are_cleared():
     with tensorft.task_context(model, torch.tensor([0, 2])):
         model(ids)
     assert seen == [[3, 1], None, [0, 2]]
+
+
+@pytest.mark.parametrize("model_name", ["llama-mha", "llama-gqa", "bert"])
+@pytest.mark.parametrize("adapter", KINDS[:3], ids=_id)
+@pytest.mark.parametrize("targets", ["attention", "all"])
+def test_closed_form_parameter_count_equals_real_count(model_name, adapter, targets):
+    if model_name == "bert":
+        model = tiny_bert()
+        names = ["query", "key", "value", "attention.output.dense"]
+        names += ["intermediate.dense", "output.dense"] if targets == "all" else []
+    else:
+        model = MODELS[model_name]()
+        names = ATTN + (MLP if targets == "all" else [])
+    tensorft.attach(model, {**adapter, "targets": names})
+    root = model.tensorft
+    sites = [layer.site for layer in root.layers.values()]
+    assert root.kind.parameter_count(sites) == tensorft.count_parameters(model)
+    assert tensorft.count_parameters(model) == sum(p.numel() for p in model.parameters() if p.requires_grad)
