@@ -260,29 +260,29 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+def _state_set(model: nn.Module, **values) -> Iterator[nn.Module]:
+    """Set fields of the model's AdapterState for the enclosed block, then restore them."""
+    state = root_of(model).state
+    previous = {key: getattr(state, key) for key in values}
+    for key, value in values.items():
+        setattr(state, key, value)
+    try:
+        yield model
+    finally:
+        for key, value in previous.items():
+            setattr(state, key, value)
+
+
+def disable_adapters(model: nn.Module):
     """Run the base model: ``with tensorft.disable_adapters(model): ...`` (DPO's reference)."""
-    root = root_of(model)
-    if any(layer.merged for layer in root.layers.values()):
+    if any(layer.merged for layer in root_of(model).layers.values()):
         raise TensorftError("adapters are merged into the base weights; unmerge before disabling them")
-    previous = root.state.enabled
-    root.state.enabled = False
-    try:
-        yield model
-    finally:
-        root.state.enabled = previous
+    return _state_set(model, enabled=False)
 
 
-@contextlib.contextmanager
-def task_context(model: nn.Module, task_ids) -> Iterator[nn.Module]:
+def task_context(model: nn.Module, task_ids):
     """Set the task ids that task-routed kinds read during the enclosed forward passes."""
-    root = root_of(model)
-    previous = root.state.task_ids
-    root.state.task_ids = task_ids
-    try:
-        yield model
-    finally:
-        root.state.task_ids = previous
+    return _state_set(model, task_ids=task_ids)
 
 
 def merge(model: nn.Module) -> nn.Module:
