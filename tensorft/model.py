@@ -197,14 +197,8 @@ def attach(model: nn.Module, adapter_config) -> nn.Module:
         _set_submodule(model, site.name, layer)
         root.layers[site.name] = layer
     model.add_module(ROOT_NAME, root)
-    for p in root.parameters():
+    for p in adapter_parameters(model).values():
         p.requires_grad_(True)
-    for layer in root.layers.values():
-        for p in layer.adapter.parameters():
-            p.requires_grad_(True)
-    for name in cfg.modules_to_save:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
     # ``model(..., task_ids=...)``: routed kinds read task ids from the shared state; the hook
     # takes the argument off before the Hugging Face forward sees it.
     root.hook_handles.append(model.register_forward_pre_hook(_take_task_ids, with_kwargs=True))

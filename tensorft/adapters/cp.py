@@ -151,6 +151,8 @@ class CP(AdapterKind):
 
     def check_sites(self, sites: list[Site]) -> None:
         sh = self.shape
+        if sh is None:
+            raise ConfigError("adapter.kind: cp needs a model with a Hugging Face config (layers, heads)")
         seen: dict[tuple, str] = {}
         for s in sites:
             if s.role is None:
