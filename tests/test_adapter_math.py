@@ -151,6 +151,11 @@ def test_cp_factors_registered_once():
     names = [n for n, _ in model.named_parameters(remove_duplicate=False) if "tensorft" in n or "adapter" in n]
     assert all(n.startswith("tensorft.shared.") for n in names)
     assert len(names) == len({id(p) for p in model.tensorft.parameters()})
+    # each layer declares the shared factors it uses, for ZeRO-3 style gathering
+    q = model.tensorft.layers["model.layers.1.self_attn.q_proj"].adapter
+    down = model.tensorft.layers["model.layers.1.mlp.down_proj"].adapter
+    assert {id(p) for p in q.external_parameters()} == {id(p) for p in model.tensorft.shared.attention.parameters()}
+    assert {id(p) for p in down.external_parameters()} == {id(p) for p in model.tensorft.shared.mlp.parameters()}
 
 
 def test_lora_equals_peft_lora():

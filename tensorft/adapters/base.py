@@ -64,6 +64,13 @@ class SiteAdapter(nn.Module):
         A, B, scale = self.lora_factors()
         return scale * (B @ A)
 
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters this layer's forward uses but does not own (CP's shared factors).
+
+        Sharding launchers must gather them around this module's forward (DeepSpeed ZeRO-3:
+        ``deepspeed.zero.register_external_parameter``)."""
+        return []
+
     def adapter_dtype(self) -> torch.dtype:
         for p in self.parameters():
             return p.dtype

@@ -118,6 +118,9 @@ class CPSite(SiteAdapter):
     def adapter_dtype(self) -> torch.dtype:
         return self._tensor.A.dtype
 
+    def external_parameters(self) -> list[nn.Parameter]:
+        return list(self._tensor.parameters())
+
     def lora_factors(self):
         A_site, B_site = self._tensor.site_factors(self.role, self.layer, self.scale)
         return A_site, B_site, 1.0
