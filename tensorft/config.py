@@ -56,12 +56,60 @@ class AdapterConfig:
 
 
 @dataclass
+class DataConfig:
+    # A local .json / .jsonl / .csv / .parquet file, or a hub dataset id ("name" or "name:split").
+    train: str = ""
+    eval: str | None = None
+    format: Literal["alpaca", "messages", "prompt-completion", "text", "preference"] = "alpaca"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    objective: Literal["sft", "dpo"] = "sft"
+    output_dir: str = "runs/tensorft"
+    max_steps: int = -1  # > 0 wins over epochs
+    epochs: float = 1.0
+    batch_size: int = 4  # per device
+    grad_accum: int = 1
+    lr: float = 2e-4
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    packing: bool = False
+    completion_only_loss: bool = True  # SFT: loss on the completion only
+    dpo_beta: float = 0.1
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int = 2
+    eval_steps: int | None = None
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+
+
+@dataclass
+class DistributedConfig:
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
+    zero_stage: int = 2  # deepspeed: 2 or 3
+    deepspeed_config: str | None = None  # a DeepSpeed JSON; default configs/deepspeed/zero{stage}.json
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict:
-        return {"model": dataclasses.asdict(self.model), "adapter": self.adapter.to_dict()}
+        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out["adapter"] = self.adapter.to_dict()
+        return out
 
 
 # --------------------------------------------------------------------------- generic parsing
@@ -226,10 +274,34 @@ def parse_config(data: dict) -> Config:
     for key in data:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(known)})")
-    return Config(
+    cfg = Config(
         model=from_dict(ModelConfig, data.get("model"), "model"),
         adapter=parse_adapter(data.get("adapter")),
+        data=from_dict(DataConfig, data.get("data"), "data"),
+        train=from_dict(TrainConfig, data.get("train"), "train"),
+        distributed=from_dict(DistributedConfig, data.get("distributed"), "distributed"),
     )
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: Config) -> None:
+    t = cfg.train
+    positive = {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "max_length": t.max_length,
+                "logging_steps": t.logging_steps, "save_steps": t.save_steps, "save_total_limit": t.save_total_limit}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"train.{key}: must be at least 1, got {value}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {t.lr}")
+    if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
+        raise ConfigError("train.max_steps / train.epochs: nothing to train (set max_steps > 0 or epochs > 0)")
+    if cfg.distributed.zero_stage not in (2, 3):
+        raise ConfigError(f"distributed.zero_stage: must be 2 or 3, got {cfg.distributed.zero_stage}")
+    if t.objective == "dpo" and cfg.data.format != "preference":
+        raise ConfigError(f"data.format: dpo needs preference data (prompt, chosen, rejected), got {cfg.data.format!r}")
+    if t.objective == "sft" and cfg.data.format == "preference":
+        raise ConfigError("data.format: preference data is for train.objective: dpo")
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:

@@ -1,0 +1,16 @@
+"""Train with a tensorft adapter.
+
+    python launcher/train.py --config configs/demo.yaml [--set key=value ...]
+    torchrun --nproc_per_node 2 launcher/train.py --config ...
+    deepspeed --num_gpus 8 launcher/train.py --config ...   (distributed.strategy: deepspeed)
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tensorft.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

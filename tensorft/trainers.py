@@ -1,0 +1,157 @@
+"""Trainers composed from trl: adapter-only checkpoints that are atomic, DPO's reference as the
+same model with its adapters switched off, metrics, and checkpoint-on-signal.
+
+trl's SFTTrainer and DPOTrainer do the training loop; the mixin below only changes what a
+checkpoint holds (the adapter, not the base weights) and how one is marked complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import time
+
+import torch
+from transformers import TrainerCallback
+from trl import DPOTrainer, SFTTrainer
+
+from .model import disable_adapters, unwrap
+from .saving import atomic_file, load_adapter_weights, save
+
+COMPLETE = "COMPLETE"  # written last into a checkpoint directory: only then does it count
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def checkpoint_step(name: str) -> int | None:
+    if not name.startswith(CHECKPOINT_PREFIX):
+        return None
+    tail = name[len(CHECKPOINT_PREFIX):]
+    return int(tail) if tail.isdigit() else None
+
+
+def complete_checkpoints(directory: str) -> list[str]:
+    """Complete checkpoint directories, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        step = checkpoint_step(name)
+        path = os.path.join(directory, name)
+        if step is not None and os.path.isfile(os.path.join(path, COMPLETE)):
+            found.append((step, path))
+    return [p for _, p in sorted(found)]
+
+
+def newest_complete_checkpoint(directory: str) -> str | None:
+    found = complete_checkpoints(directory)
+    return found[-1] if found else None
+
+
+class AdapterCheckpointing:
+    """Mixin for transformers/trl trainers: checkpoints hold only the adapter weights (plus
+    optimizer, scheduler, RNG and trainer state, which the Trainer writes as usual); a
+    checkpoint counts once its COMPLETE marker exists, and old ones are rotated only after."""
+
+    keep_checkpoints: int = 2
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        save(unwrap(self.model), output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapter_weights(unwrap(model or self.model), resume_from_checkpoint)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        folder = os.path.join(self.args.output_dir, f"{CHECKPOINT_PREFIX}{self.state.global_step}")
+        with atomic_file(os.path.join(folder, COMPLETE)) as tmp:
+            with open(tmp, "w") as f:
+                f.write(f"{self.state.global_step}\n")
+        self._rotate(folder)
+
+    def _rotate(self, newest: str) -> None:
+        # Incomplete leftovers of a killed run, then all but the newest ``keep_checkpoints``.
+        root = self.args.output_dir
+        complete = set(complete_checkpoints(root))
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if checkpoint_step(name) is not None and path not in complete and path != newest:
+                shutil.rmtree(path, ignore_errors=True)
+        for path in sorted(complete, key=lambda p: checkpoint_step(os.path.basename(p)))[: -self.keep_checkpoints]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class TensorftSFTTrainer(AdapterCheckpointing, SFTTrainer):
+    pass
+
+
+class TensorftDPOTrainer(AdapterCheckpointing, DPOTrainer):
+    """DPO whose reference is the policy with its adapters switched off (no second model)."""
+
+    def compute_ref_log_probs(self, model, inputs):
+        with disable_adapters(self.model):
+            return super().compute_ref_log_probs(model, inputs)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends step, loss, learning rate, tokens/s and peak memory to ``metrics.jsonl``."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._last = None  # (time, tokens seen)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        then, before = self._last or (now, tokens)
+        self._last = (now, tokens)
+        logs["tokens_per_s"] = round((tokens - before) / max(now - then, 1e-9), 1)
+        if not state.is_world_process_zero:
+            return
+        row = {
+            "step": state.global_step,
+            "loss": logs["loss"],
+            "learning_rate": logs.get("learning_rate"),
+            "tokens_per_s": logs["tokens_per_s"],
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+        }
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class CheckpointOnSignal(TrainerCallback):
+    """SIGTERM / SIGUSR1 (SLURM preemption): save a checkpoint at the end of the current step,
+    then stop. The launcher exits non-zero so a requeued job resumes from that checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
