@@ -1,0 +1,195 @@
+"""The training launcher, single process: SFT and DPO through trl, checkpoints, resume, signals,
+and bad input. Runs ``launcher/train.py`` as users do, on a tiny Llama with a real tokenizer."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "launcher", "train.py")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny Llama (SmolLM2's tokenizer and chat template) and small data sets in every format."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tensorft.pretrained import smollm2_135m_instruct
+
+    work = tmp_path_factory.mktemp("train")
+    tok = AutoTokenizer.from_pretrained(smollm2_135m_instruct())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(work / "tiny")
+    tok.save_pretrained(work / "tiny")
+    words = ["red", "green", "blue", "black", "white", "pink", "gray", "brown"]
+    alpaca = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"} for w in words]
+    _jsonl(work / "alpaca.jsonl", alpaca)
+    _jsonl(work / "messages.jsonl", [
+        {"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]} for w in words
+    ])
+    _jsonl(work / "pairs.jsonl", [
+        {"prompt": f"Colour: {w}?", "chosen": f" {w}", "rejected": f" {words[(i + 1) % 8]}"} for i, w in enumerate(words)
+    ] * 2)
+    return work
+
+
+def _jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def write_config(workdir, name, **sections):
+    cfg = {
+        "model": {"name_or_path": str(workdir / "tiny")},
+        "adapter": {"kind": "cp", "rank": 4, "alpha": 8, "targets": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                    "gate_proj", "up_proj", "down_proj"]},
+        "data": {"train": str(workdir / "alpaca.jsonl"), "format": "alpaca"},
+        "train": {"output_dir": str(workdir / name), "max_steps": 8, "batch_size": 8, "lr": 0.01,
+                  "logging_steps": 1, "save_steps": 4, "max_length": 64},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def train(config, *extra, wait=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, TRAIN, "--config", config, *extra]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_sft_loss_falls_and_only_the_adapter_changes(workdir):
+    import tensorft
+
+    p = train(write_config(workdir, "sft"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = workdir / "sft"
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 and r["learning_rate"] is not None for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.15  # the same 8 rows every step
+    assert os.listdir(out / "tensorboard")
+    assert yaml.safe_load((out / "config.yaml").read_text())["adapter"]["kind"] == "cp"
+    model = tensorft.from_pretrained(str(out))
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(workdir / "tiny")
+    for name, p_base in base.named_parameters():  # the base weights are untouched
+        trained_name = name if name in dict(model.named_parameters()) else name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(dict(model.named_parameters())[trained_name], p_base), name
+    factors = load_file(out / "adapter_model.safetensors")
+    assert factors["tensorft.shared.attention.B"].abs().max() > 0  # B starts at zero: it learned
+
+
+def test_finished_run_is_not_overwritten(workdir):
+    before = (workdir / "sft" / "adapter_model.safetensors").read_bytes()
+    p = train(str(workdir / "sft.yaml"))
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith("tensorft: error: train.output_dir:")
+    assert "already holds a finished run" in p.stderr and "Traceback" not in p.stderr
+    assert (workdir / "sft" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(workdir):
+    config = write_config(workdir, "resumed", train={"save_steps": 2})
+    proc = train(config, wait=False)
+    marker = workdir / "resumed" / "checkpoints" / "checkpoint-4" / "COMPLETE"
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (workdir / "resumed" / "adapter_model.safetensors").exists()
+    p = train(config)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resuming from" in p.stderr and "checkpoint-" in p.stderr
+    uninterrupted = load_file(workdir / "sft" / "adapter_model.safetensors")
+    resumed = load_file(workdir / "resumed" / "adapter_model.safetensors")
+    assert uninterrupted.keys() == resumed.keys()
+    for k in uninterrupted:
+        torch.testing.assert_close(resumed[k], uninterrupted[k], rtol=0, atol=1e-6)
+
+
+def test_sigterm_writes_a_checkpoint_before_exit(workdir):
+    config = write_config(workdir, "preempted", train={"max_steps": 400, "save_steps": 1000})
+    proc = train(config, wait=False)
+    metrics_file = workdir / "preempted" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics_file.exists() or metrics_file.stat().st_size == 0) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    from tensorft.trainers import complete_checkpoints
+
+    done = complete_checkpoints(str(workdir / "preempted" / "checkpoints"))
+    assert len(done) == 1
+    step = int(os.path.basename(done[0]).split("-")[1])
+    assert 1 <= step < 400
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(
+        os.listdir(done[0])
+    )
+
+
+def test_messages_format_and_dpo(workdir):
+    p = train(write_config(workdir, "chat", data={"train": str(workdir / "messages.jsonl"), "format": "messages"},
+                           train={"max_steps": 4}))
+    assert p.returncode == 0, p.stderr[-2000:]
+    config = write_config(
+        workdir, "dpo",
+        data={"train": str(workdir / "pairs.jsonl"), "format": "preference"},
+        train={"objective": "dpo", "max_steps": 6, "dpo_beta": 0.1, "lr": 0.02},
+    )
+    p = train(config)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = metrics(workdir / "dpo")
+    # DPO's loss starts at log 2 exactly when the reference is the policy with adapters off
+    assert abs(rows[0]["loss"] - 0.6931) < 1e-3
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+BAD_INPUT = [
+    ({"adapter": {"rnak": 4}}, "adapter.rnak: unknown key"),
+    ({"data": {"train": "no/such/file.jsonl"}}, "data.train: no/such/file.jsonl: no such file"),
+    ({"data": {"train": "BROKEN_ROW"}}, "broken.jsonl: row 3: missing field 'output' (data.format: alpaca)"),
+    ({"train": {"objective": "dpo"}}, "data.format: dpo needs preference data"),
+    ({"train": {"batch_size": 0}}, "train.batch_size: must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("sections,message", BAD_INPUT, ids=[m.split(":")[0] for _, m in BAD_INPUT])
+def test_bad_input_one_line_exit_2_nothing_written(workdir, sections, message):
+    if sections.get("data", {}).get("train") == "BROKEN_ROW":
+        rows = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}, {"instruction": "e"}]
+        _jsonl(workdir / "broken.jsonl", rows)
+        sections = {"data": {"train": str(workdir / "broken.jsonl")}}
+    name = "bad-" + message.split(":")[0].replace(".", "-")
+    p = train(write_config(workdir, name, **sections))
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert message in lines[-1] and lines[-1].startswith("tensorft: error: ")
+    assert "Traceback" not in p.stderr
+    assert not (workdir / name).exists()
