@@ -46,11 +46,40 @@ def load_data(cfg: Config):
     return train, evaluation
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_distributed(cfg: Config) -> None:
+    """The launch must match ``distributed.strategy``; say so before anything starts."""
+    strategy, world = cfg.distributed.strategy, world_size()
+    if strategy == "none" and world > 1:
+        raise ConfigError(
+            f"distributed.strategy: none, but {world} processes were launched; set ddp, fsdp or deepspeed"
+        )
+    if strategy == "fsdp":
+        raise ConfigError("distributed.strategy: fsdp is not available yet in this version; use ddp or deepspeed")
+    import torch
+
+    if strategy == "deepspeed" and not torch.cuda.is_available():
+        # accelerate's DeepSpeed state counts one process per CPU rank; refuse rather than
+        # train something other than what was asked for.
+        raise ConfigError("distributed.strategy: deepspeed needs CUDA devices in this version; on CPU use ddp")
+    if strategy == "deepspeed" and cfg.model.quantization != "none" and cfg.distributed.zero_stage == 3:
+        raise ConfigError(
+            f"model.quantization: {cfg.model.quantization} bases cannot be sharded by DeepSpeed ZeRO-3; "
+            "use zero_stage: 2 or ddp"
+        )
+
+
 def training_arguments(cfg: Config, checkpoints_dir: str):
     """SFTConfig / DPOConfig from the config (both are transformers TrainingArguments)."""
     import torch
     from trl import DPOConfig, SFTConfig
 
+    if not torch.cuda.is_available() and world_size() > 1 and cfg.distributed.strategy != "deepspeed":
+        # Without it accelerate gives each CPU process a world of one (a silent fallback).
+        os.environ["ACCELERATE_USE_CPU"] = "1"
     t = cfg.train
     common = dict(
         output_dir=checkpoints_dir,
@@ -74,27 +103,50 @@ def training_arguments(cfg: Config, checkpoints_dir: str):
         data_seed=t.seed,
         bf16=t.bf16,
         gradient_checkpointing=t.gradient_checkpointing,
-        use_cpu=not torch.cuda.is_available(),
+        # DeepSpeed brings its own CPU accelerator; use_cpu would bypass it (one process each).
+        use_cpu=not torch.cuda.is_available() and cfg.distributed.strategy != "deepspeed",
         report_to="none",  # TensorBoard is added explicitly, writing into output_dir/tensorboard
         include_num_input_tokens_seen="non_padding",
         max_length=t.max_length,
         remove_unused_columns=True,
     )
     if cfg.distributed.strategy == "deepspeed":
-        common["deepspeed"] = deepspeed_config_path(cfg)
+        common["deepspeed"] = deepspeed_config(cfg)
     if t.objective == "dpo":
         return DPOConfig(**common, beta=t.dpo_beta, precompute_ref_log_probs=True)
     return SFTConfig(**common, packing=t.packing, completion_only_loss=t.completion_only_loss)
 
 
-def deepspeed_config_path(cfg: Config) -> str:
+def deepspeed_config(cfg: Config) -> dict:
+    """The DeepSpeed JSON with its batch, clipping and precision keys filled from the config.
+
+    Concrete values rather than "auto": the Trainer fills "auto" from its own idea of the
+    world size, which on CPU is not DeepSpeed's."""
+    import json
+
     path = cfg.distributed.deepspeed_config
     if path is None:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         path = os.path.join(here, "configs", "deepspeed", f"zero{cfg.distributed.zero_stage}.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"distributed.deepspeed_config: {path} not found")
-    return path
+    try:
+        with open(path, encoding="utf-8") as f:
+            ds = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"distributed.deepspeed_config: {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"distributed.deepspeed_config: {path}: invalid JSON at line {e.lineno}") from None
+    t = cfg.train
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage != cfg.distributed.zero_stage:
+        raise ConfigError(f"distributed.zero_stage: {cfg.distributed.zero_stage}, but {path} sets stage {stage}")
+    ds.update(
+        train_micro_batch_size_per_gpu=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        train_batch_size=t.batch_size * t.grad_accum * world_size(),
+        gradient_clipping=t.max_grad_norm,
+        bf16={"enabled": t.bf16},
+    )
+    return ds
 
 
 def build_model(cfg: Config):
@@ -128,10 +180,12 @@ def run(cfg: Config) -> int:
     )
 
     check_output_dir(cfg)
+    check_distributed(cfg)
     train_ds, eval_ds = load_data(cfg)  # bad data fails before any model is loaded
     out = cfg.train.output_dir
     checkpoints = os.path.join(out, "checkpoints")
     args = training_arguments(cfg, checkpoints)
+    _ = args.world_size  # sets up the process group now: ZeRO-3 partitions while the model loads
     model, tokenizer = build_model(cfg)
     if _is_main():
         os.makedirs(out, exist_ok=True)
@@ -153,6 +207,7 @@ def run(cfg: Config) -> int:
         callbacks=callbacks,
     )
     trainer.keep_checkpoints = cfg.train.save_total_limit
+    write_run_info(out, trainer)
     resume = newest_complete_checkpoint(checkpoints)
     if resume and _is_main():
         print(f"tensorft: resuming from {resume}", file=sys.stderr)
@@ -167,6 +222,24 @@ def run(cfg: Config) -> int:
                 f.write(f"{trainer.state.global_step}\n")
         print(f"tensorft: adapter written to {os.path.abspath(out)}")
     return 0
+
+
+def write_run_info(out: str, trainer) -> None:
+    """What actually runs (world size, backend, sharding): tests and users check it, because
+    several launch paths fall back to one process or to plain DDP without a word."""
+    import torch.distributed as dist
+
+    from .model import adapter_parameters, unwrap
+    from .saving import write_json
+
+    info = {
+        "world_size": trainer.args.world_size,
+        "process_group": dist.get_world_size() if dist.is_initialized() else 1,
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "adapter_parameters": sum(p.numel() for p in adapter_parameters(unwrap(trainer.model)).values()),
+    }
+    if _is_main():
+        write_json(os.path.join(out, "run_info.json"), info)
 
 
 def build_parser() -> argparse.ArgumentParser:
