@@ -129,3 +129,13 @@ def test_merge_and_export_commands(tmp_path, kind):
     # an existing output is never overwritten, and nothing is left half-written
     assert run(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 2
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []
+
+
+def test_every_shipped_config_validates():
+    from tensorft.config import load_config
+
+    names = [n for n in os.listdir(CONFIGS) if n.endswith(".yaml")]
+    assert len(names) >= 6
+    for name in names:
+        cfg = load_config(os.path.join(CONFIGS, name))
+        assert cfg.adapter.kind in ("lora", "cp", "tt"), name
