@@ -37,7 +37,9 @@ TARGET_MODE = 16
 class TTOptions:
     # Either {in: [...], out: [...]} for every target, or {target: {in: [...], out: [...]}}.
     tt_shapes: dict | None = None
-    # "factors": build A_tt, B_tt then two matmuls; "cores": contract x through each core.
+    # "factors": build A_tt, B_tt then two matmuls (default: LoRA's cost, bench/RESULTS.md);
+    # "cores": contract x through each core, a reference path that keeps token-sized
+    # intermediates for backward (measured 1.2-1.3x the step memory of factors).
     tt_path: Literal["factors", "cores"] = "factors"
 
 
