@@ -24,7 +24,6 @@ from typing import Any, Callable, Iterator
 
 from .errors import TensorftError
 
-FORMATS = ("alpaca", "messages", "prompt-completion", "text", "preference")
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 ALPACA_WITH_INPUT = (
@@ -115,6 +114,7 @@ CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "text": text,
     "preference": preference,
 }
+FORMATS = tuple(CONVERTERS)
 
 
 # --------------------------------------------------------------------------- reading

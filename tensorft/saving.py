@@ -70,6 +70,12 @@ def new_output_dir(path: str) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_text(path: str, text: str) -> None:
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 def write_json(path: str, data: dict) -> None:
     with atomic_file(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:

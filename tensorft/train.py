@@ -170,7 +170,7 @@ def run(cfg: Config) -> int:
     from transformers.integrations import TensorBoardCallback
     from torch.utils.tensorboard import SummaryWriter
 
-    from .saving import atomic_file, save
+    from .saving import save, write_text
     from .trainers import (
         CheckpointOnSignal,
         MetricsCallback,
@@ -189,9 +189,7 @@ def run(cfg: Config) -> int:
     model, tokenizer = build_model(cfg)
     if _is_main():
         os.makedirs(out, exist_ok=True)
-        with atomic_file(os.path.join(out, "config.yaml")) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        write_text(os.path.join(out, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     signals = CheckpointOnSignal()
     callbacks = [signals, MetricsCallback(os.path.join(out, "metrics.jsonl"))]
@@ -217,16 +215,15 @@ def run(cfg: Config) -> int:
         return 128 + signals.received
     if _is_main():
         save(model, out)
-        with atomic_file(os.path.join(out, FINISHED)) as tmp:
-            with open(tmp, "w") as f:
-                f.write(f"{trainer.state.global_step}\n")
+        write_text(os.path.join(out, FINISHED), f"{trainer.state.global_step}\n")
         print(f"tensorft: adapter written to {os.path.abspath(out)}")
     return 0
 
 
 def write_run_info(out: str, trainer) -> None:
-    """What actually runs (world size, backend, sharding): tests and users check it, because
-    several launch paths fall back to one process or to plain DDP without a word."""
+    """What actually runs (the Trainer's world size, the process group's size and backend):
+    tests and users check it, because several launch paths fall back to one process without
+    a word."""
     import torch.distributed as dist
 
     from .model import adapter_parameters, unwrap

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from trl import DPOTrainer, SFTTrainer
 
 from .model import disable_adapters, unwrap
-from .saving import atomic_file, load_adapter_weights, save
+from .saving import load_adapter_weights, save, write_text
 
 COMPLETE = "COMPLETE"  # written last into a checkpoint directory: only then does it count
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -68,20 +68,18 @@ class AdapterCheckpointing:
         if not self.args.should_save:
             return
         folder = os.path.join(self.args.output_dir, f"{CHECKPOINT_PREFIX}{self.state.global_step}")
-        with atomic_file(os.path.join(folder, COMPLETE)) as tmp:
-            with open(tmp, "w") as f:
-                f.write(f"{self.state.global_step}\n")
-        self._rotate(folder)
+        write_text(os.path.join(folder, COMPLETE), f"{self.state.global_step}\n")
+        self._rotate()
 
-    def _rotate(self, newest: str) -> None:
+    def _rotate(self) -> None:
         # Incomplete leftovers of a killed run, then all but the newest ``keep_checkpoints``.
         root = self.args.output_dir
-        complete = set(complete_checkpoints(root))
+        complete = complete_checkpoints(root)  # oldest first; includes the one just marked
         for name in os.listdir(root):
             path = os.path.join(root, name)
-            if checkpoint_step(name) is not None and path not in complete and path != newest:
+            if checkpoint_step(name) is not None and path not in complete:
                 shutil.rmtree(path, ignore_errors=True)
-        for path in sorted(complete, key=lambda p: checkpoint_step(os.path.basename(p)))[: -self.keep_checkpoints]:
+        for path in complete[: -self.keep_checkpoints]:
             shutil.rmtree(path, ignore_errors=True)
 
 
