@@ -91,6 +91,13 @@ def save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict
 # --------------------------------------------------------------------------- describing a model
 
 
+def model_class(model: nn.Module) -> type:
+    """The model's own class (FSDP2 swaps in a subclass named FSDP<class>)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
 def describe_base(model: nn.Module) -> tuple[str, dict]:
     """(base name or absolute path, the model section that reloads it)."""
     config = model.config
@@ -108,7 +115,7 @@ def describe_base(model: nn.Module) -> tuple[str, dict]:
     dtype = str(getattr(model, "dtype", torch.float32)).replace("torch.", "")
     if dtype not in ("float32", "bfloat16", "float16"):
         dtype = "float32"
-    is_cls = type(model).__name__.endswith("ForSequenceClassification")
+    is_cls = model_class(model).__name__.endswith("ForSequenceClassification")
     section = dataclasses.asdict(
         ModelConfig(
             name_or_path=name,
@@ -129,8 +136,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous().clone() for n, p in adapter_parameters(model).items()}
 
 
-def save(model: nn.Module, out_dir: str) -> str:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir``."""
+def save(model: nn.Module, out_dir: str, tensors: dict[str, torch.Tensor] | None = None) -> str:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir``.
+
+    ``tensors``: the adapter's full weights when they are sharded (gathered by every rank with
+    ``tensorft.distributed.full_adapter_state``; only rank 0 then calls this)."""
     model = unwrap(model)
     root = root_of(model)
     name, model_section = describe_base(model)
@@ -138,12 +148,13 @@ def save(model: nn.Module, out_dir: str) -> str:
         "tensorft_version": __version__,
         **root.config.to_dict(),
         "base_model_name_or_path": name,
-        "base_model_class": type(model).__name__,
+        "base_model_class": model_class(model).__name__,
         "model": model_section,
     }
     os.makedirs(out_dir, exist_ok=True)
     # Weights first, config last: a directory with a config always has matching weights.
-    save_safetensors(os.path.join(out_dir, WEIGHTS_NAME), adapter_state_dict(model), {"format": "pt"})
+    weights = tensors if tensors is not None else adapter_state_dict(model)
+    save_safetensors(os.path.join(out_dir, WEIGHTS_NAME), weights, {"format": "pt"})
     write_json(os.path.join(out_dir, CONFIG_NAME), config)
     return out_dir
 
@@ -181,13 +192,13 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str) -> nn.Module:
     if missing or extra:
         what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
         raise TensorftError(f"{path}: does not fit this model ({what}; {len(missing)} missing, {len(extra)} unexpected)")
-    with torch.no_grad():
-        for name, p in params.items():
-            if tuple(saved[name].shape) != tuple(p.shape):
-                raise TensorftError(
-                    f"{path}: {name} has shape {tuple(saved[name].shape)}, the model expects {tuple(p.shape)}"
-                )
-            p.copy_(saved[name].to(dtype=p.dtype, device=p.device))
+    for name, p in params.items():
+        expected = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape aside
+        if tuple(saved[name].shape) != expected:
+            raise TensorftError(f"{path}: {name} has shape {tuple(saved[name].shape)}, the model expects {expected}")
+    from .distributed import load_full_adapter_state
+
+    load_full_adapter_state(model, saved)
     return model
 
 

@@ -57,18 +57,21 @@ def check_distributed(cfg: Config) -> None:
         raise ConfigError(
             f"distributed.strategy: none, but {world} processes were launched; set ddp, fsdp or deepspeed"
         )
-    if strategy == "fsdp":
-        raise ConfigError("distributed.strategy: fsdp is not available yet in this version; use ddp or deepspeed")
-    import torch
-
-    if strategy == "deepspeed" and not torch.cuda.is_available():
-        # accelerate's DeepSpeed state counts one process per CPU rank; refuse rather than
-        # train something other than what was asked for.
-        raise ConfigError("distributed.strategy: deepspeed needs CUDA devices in this version; on CPU use ddp")
-    if strategy == "deepspeed" and cfg.model.quantization != "none" and cfg.distributed.zero_stage == 3:
+    quantized = cfg.model.quantization != "none"
+    if strategy == "fsdp" and quantized:
+        # bitsandbytes' packed weights are not DTensor-shardable parameters.
+        raise ConfigError(
+            f"model.quantization: {cfg.model.quantization} bases cannot be sharded by FSDP in this version; "
+            "use ddp or deepspeed with zero_stage: 2"
+        )
+    if strategy == "deepspeed" and quantized and cfg.distributed.zero_stage == 3:
         raise ConfigError(
             f"model.quantization: {cfg.model.quantization} bases cannot be sharded by DeepSpeed ZeRO-3; "
             "use zero_stage: 2 or ddp"
+        )
+    if strategy in ("fsdp", "deepspeed") and "RANK" not in os.environ:
+        raise ConfigError(
+            f"distributed.strategy: {strategy} needs a distributed launch (torchrun --nproc_per_node N, or deepspeed)"
         )
 
 
@@ -77,9 +80,13 @@ def training_arguments(cfg: Config, checkpoints_dir: str):
     import torch
     from trl import DPOConfig, SFTConfig
 
-    if not torch.cuda.is_available() and world_size() > 1 and cfg.distributed.strategy != "deepspeed":
+    cpu = not torch.cuda.is_available()
+    deepspeed = cfg.distributed.strategy == "deepspeed"
+    if cpu and world_size() > 1 and not deepspeed:
         # Without it accelerate gives each CPU process a world of one (a silent fallback).
         os.environ["ACCELERATE_USE_CPU"] = "1"
+    if cpu and deepspeed:
+        cpu_deepspeed_state()
     t = cfg.train
     common = dict(
         output_dir=checkpoints_dir,
@@ -96,7 +103,7 @@ def training_arguments(cfg: Config, checkpoints_dir: str):
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=None,  # AdapterCheckpointing rotates, after a checkpoint is complete
+        save_total_limit=None,  # AdapterTrainerMixin rotates, after a checkpoint is complete
         eval_strategy="steps" if (cfg.data.eval and t.eval_steps) else "no",
         eval_steps=t.eval_steps,
         seed=t.seed,
@@ -104,17 +111,31 @@ def training_arguments(cfg: Config, checkpoints_dir: str):
         bf16=t.bf16,
         gradient_checkpointing=t.gradient_checkpointing,
         # DeepSpeed brings its own CPU accelerator; use_cpu would bypass it (one process each).
-        use_cpu=not torch.cuda.is_available() and cfg.distributed.strategy != "deepspeed",
+        use_cpu=cpu and not deepspeed,
         report_to="none",  # TensorBoard is added explicitly, writing into output_dir/tensorboard
         include_num_input_tokens_seen="non_padding",
         max_length=t.max_length,
         remove_unused_columns=True,
+        # FSDP2: the Trainer leaves a self-sharded model's optimizer to us (AdapterTrainerMixin).
+        save_only_model=cfg.distributed.strategy == "fsdp",
     )
-    if cfg.distributed.strategy == "deepspeed":
+    if deepspeed:
         common["deepspeed"] = deepspeed_config(cfg)
+        if cpu:
+            common["accelerator_config"] = {"use_configured_state": True}
     if t.objective == "dpo":
         return DPOConfig(**common, beta=t.dpo_beta, precompute_ref_log_probs=True)
     return SFTConfig(**common, packing=t.packing, completion_only_loss=t.completion_only_loss)
+
+
+def cpu_deepspeed_state() -> None:
+    """accelerate never pairs DeepSpeed with CPU processes: with ``use_cpu`` it silently runs
+    DDP, without it it sees no backend and a world of one. Configure its state up front
+    (gloo backend, DeepSpeed type) and have the Trainer use it (``use_configured_state``)."""
+    from accelerate.state import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -162,6 +183,10 @@ def build_model(cfg: Config):
     attach(model, cfg.adapter)
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
+    if cfg.distributed.strategy == "fsdp":
+        from .distributed import shard_fsdp2
+
+        shard_fsdp2(model)  # after attach: the adapter's parameters are sharded too
     return model, tokenizer
 
 
@@ -170,10 +195,11 @@ def run(cfg: Config) -> int:
     from transformers.integrations import TensorBoardCallback
     from torch.utils.tensorboard import SummaryWriter
 
-    from .saving import save, write_text
+    from .saving import write_text
     from .trainers import (
         CheckpointOnSignal,
         MetricsCallback,
+        RunInfoCallback,
         TensorftDPOTrainer,
         TensorftSFTTrainer,
         newest_complete_checkpoint,
@@ -205,7 +231,7 @@ def run(cfg: Config) -> int:
         callbacks=callbacks,
     )
     trainer.keep_checkpoints = cfg.train.save_total_limit
-    write_run_info(out, trainer)
+    trainer.add_callback(RunInfoCallback(os.path.join(out, "run_info.json"), cfg.distributed.strategy))
     resume = newest_complete_checkpoint(checkpoints)
     if resume and _is_main():
         print(f"tensorft: resuming from {resume}", file=sys.stderr)
@@ -213,30 +239,11 @@ def run(cfg: Config) -> int:
     if signals.received is not None:
         print(f"tensorft: stopped by signal {signals.received}; checkpoint written to {checkpoints}", file=sys.stderr)
         return 128 + signals.received
+    trainer.save_model(out)  # every rank: a sharded adapter is gathered first
     if _is_main():
-        save(model, out)
         write_text(os.path.join(out, FINISHED), f"{trainer.state.global_step}\n")
         print(f"tensorft: adapter written to {os.path.abspath(out)}")
     return 0
-
-
-def write_run_info(out: str, trainer) -> None:
-    """What actually runs (the Trainer's world size, the process group's size and backend):
-    tests and users check it, because several launch paths fall back to one process without
-    a word."""
-    import torch.distributed as dist
-
-    from .model import adapter_parameters, unwrap
-    from .saving import write_json
-
-    info = {
-        "world_size": trainer.args.world_size,
-        "process_group": dist.get_world_size() if dist.is_initialized() else 1,
-        "backend": dist.get_backend() if dist.is_initialized() else None,
-        "adapter_parameters": sum(p.numel() for p in adapter_parameters(unwrap(trainer.model)).values()),
-    }
-    if _is_main():
-        write_json(os.path.join(out, "run_info.json"), info)
 
 
 def build_parser() -> argparse.ArgumentParser:

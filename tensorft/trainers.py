@@ -18,11 +18,13 @@ import torch
 from transformers import TrainerCallback
 from trl import DPOTrainer, SFTTrainer
 
+from .distributed import full_adapter_state, is_fsdp2
 from .model import disable_adapters, unwrap
-from .saving import load_adapter_weights, save, write_text
+from .saving import atomic_file, load_adapter_weights, save, write_json, write_text
 
 COMPLETE = "COMPLETE"  # written last into a checkpoint directory: only then does it count
 CHECKPOINT_PREFIX = "checkpoint-"
+OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "scheduler.pt"  # the Trainer's names
 
 
 def checkpoint_step(name: str) -> int | None:
@@ -50,12 +52,33 @@ def newest_complete_checkpoint(directory: str) -> str | None:
     return found[-1] if found else None
 
 
-class AdapterCheckpointing:
-    """Mixin for transformers/trl trainers: checkpoints hold only the adapter weights (plus
-    optimizer, scheduler, RNG and trainer state, which the Trainer writes as usual); a
-    checkpoint counts once its COMPLETE marker exists, and old ones are rotated only after."""
+class AdapterTrainerMixin:
+    """Mixin for transformers/trl trainers that train a tensorft adapter: checkpoints hold only
+    the adapter weights (plus optimizer, scheduler, RNG and trainer state, which the Trainer
+    writes as usual); a checkpoint counts once its COMPLETE marker exists, and old ones are
+    rotated only after; sharded adapters (FSDP2, ZeRO-3) are gathered to save."""
 
     keep_checkpoints: int = 2
+
+    def __init__(self, *args, model=None, **kwargs):
+        # transformers refuses to train a quantized model unless PEFT adapters are loaded
+        # (its flag `_hf_peft_config_loaded`); tensorft's adapters play that role. The flag is
+        # raised for that check only, so no other PEFT code path sees it.
+        flagged = model is not None and getattr(model, "is_quantized", False)
+        if flagged:
+            model._hf_peft_config_loaded = True
+        try:
+            super().__init__(*args, model=model, **kwargs)
+        finally:
+            if flagged:
+                model._hf_peft_config_loaded = False
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Every rank gathers (sharded adapters: FSDP2, ZeRO-3), rank 0 writes. Only the adapter:
+        # the Trainer's own save would consolidate the whole base model under ZeRO-3.
+        tensors = full_adapter_state(self.model)
+        if self.args.should_save:
+            save(unwrap(self.model), output_dir or self.args.output_dir, tensors)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         save(unwrap(self.model), output_dir or self.args.output_dir)
@@ -65,11 +88,40 @@ class AdapterCheckpointing:
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
+        folder = os.path.join(self.args.output_dir, f"{CHECKPOINT_PREFIX}{self.state.global_step}")
+        if is_fsdp2(self.model):
+            self._save_fsdp2_training_state(folder)
+        self.accelerator.wait_for_everyone()  # every rank's files are written before COMPLETE
         if not self.args.should_save:
             return
-        folder = os.path.join(self.args.output_dir, f"{CHECKPOINT_PREFIX}{self.state.global_step}")
         write_text(os.path.join(folder, COMPLETE), f"{self.state.global_step}\n")
         self._rotate()
+
+    # FSDP2: the Trainer does not checkpoint the optimizer of a model that shards itself
+    # (it asks for save_only_model), so the sharded optimizer state is gathered into one full
+    # state dict with torch.distributed.checkpoint's API and scattered back on resume.
+
+    def _save_fsdp2_training_state(self, folder: str) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        if self.args.should_save:
+            with atomic_file(os.path.join(folder, OPTIMIZER_FILE)) as tmp:
+                torch.save(optim, tmp)
+            with atomic_file(os.path.join(folder, SCHEDULER_FILE)) as tmp:
+                torch.save(self.lr_scheduler.state_dict(), tmp)
+        self._save_rng_state(folder)  # one file per rank
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not is_fsdp2(self.model):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        optim = torch.load(os.path.join(checkpoint, OPTIMIZER_FILE), map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.model, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
+        sched = torch.load(os.path.join(checkpoint, SCHEDULER_FILE), map_location="cpu", weights_only=True)
+        self.lr_scheduler.load_state_dict(sched)
 
     def _rotate(self) -> None:
         # Incomplete leftovers of a killed run, then all but the newest ``keep_checkpoints``.
@@ -83,11 +135,11 @@ class AdapterCheckpointing:
             shutil.rmtree(path, ignore_errors=True)
 
 
-class TensorftSFTTrainer(AdapterCheckpointing, SFTTrainer):
+class TensorftSFTTrainer(AdapterTrainerMixin, SFTTrainer):
     pass
 
 
-class TensorftDPOTrainer(AdapterCheckpointing, DPOTrainer):
+class TensorftDPOTrainer(AdapterTrainerMixin, DPOTrainer):
     """DPO whose reference is the policy with its adapters switched off (no second model)."""
 
     def compute_ref_log_probs(self, model, inputs):
@@ -132,6 +184,31 @@ class MetricsCallback(TrainerCallback):
         }
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class RunInfoCallback(TrainerCallback):
+    """Writes ``run_info.json`` once training starts (after DeepSpeed or FSDP has partitioned
+    the model): the Trainer's world size, the process group's size and backend, and how much
+    of the adapter and of the base this rank holds. Tests and users check it, because several
+    launch paths fall back to one process or to full replicas without a word."""
+
+    def __init__(self, path: str, strategy: str):
+        self.path, self.strategy = path, strategy
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        import torch.distributed as dist
+
+        from .distributed import sharding_report
+
+        info = {
+            "strategy": self.strategy,
+            "world_size": args.world_size,
+            "process_group": dist.get_world_size() if dist.is_initialized() else 1,
+            "backend": dist.get_backend() if dist.is_initialized() else None,
+            **sharding_report(model),
+        }
+        if state.is_world_process_zero:
+            write_json(self.path, info)
 
 
 class CheckpointOnSignal(TrainerCallback):

@@ -1,0 +1,126 @@
+"""Sharded adapters: FSDP2 sharding, gathering and loading sharded adapter weights, and a
+report of what is really sharded.
+
+Three layouts reach the code that saves or loads an adapter:
+- plain tensors (single process, DDP, ZeRO-2): every rank holds everything;
+- DTensors (FSDP2): each rank holds a slice, ``full_tensor()`` all-gathers;
+- ZeRO-3 parameters: ``p.data`` is empty between forwards, ``GatheredParameters`` all-gathers.
+Gathering is collective: every rank calls these functions, rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .model import adapter_parameters, unwrap
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def _is_zero3(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+@contextlib.contextmanager
+def _zero3_gathered(params: list[torch.Tensor], modifier_rank=None):
+    if any(_is_zero3(p) for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for p in params if _is_zero3(p)], modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
+
+
+def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's full (unsharded) tensors on CPU. Collective under FSDP2 and ZeRO-3."""
+    params = adapter_parameters(unwrap(model))
+    out = {}
+    with _zero3_gathered(list(params.values())):
+        for name, p in params.items():
+            t = p.full_tensor() if _is_dtensor(p) else p
+            out[name] = t.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def load_full_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into the adapter parameters, whatever their layout. Collective under
+    FSDP2 and ZeRO-3; every rank passes the same tensors."""
+    params = adapter_parameters(unwrap(model))
+    with torch.no_grad(), _zero3_gathered(list(params.values()), modifier_rank=0):
+        for name, p in params.items():
+            full = tensors[name].to(dtype=p.dtype)
+            if _is_dtensor(p):
+                from torch.distributed.tensor import distribute_tensor
+
+                local = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+                p.to_local().copy_(local.to_local())
+            else:
+                p.copy_(full.to(p.device))
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks a model declares unsplittable (``_no_split_modules``): the units
+    FSDP shards and gathers one at a time."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard_fsdp2(model: nn.Module) -> nn.Module:
+    """FSDP2 (``fully_shard``) over every decoder layer, then the root.
+
+    Applied after the adapter is attached, so adapter parameters are sharded like the rest:
+    per-layer factors with their layer, the CP tensor's shared factors with the root (gathered
+    once per forward). The Trainer is told the model owns placement and gradient reduction,
+    the contract transformers uses for models it shards at load time, so it neither moves the
+    model nor wraps it in DDP."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} declares no _no_split_modules; cannot pick FSDP units")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model._is_distributed_loading_by_transformers = True
+    return model
+
+
+def sharding_report(model: nn.Module) -> dict:
+    """How many elements of the adapter and of the base this rank holds, against their full
+    sizes: shows whether parameters really are partitioned (several launch paths fall back
+    to full replicas without a word)."""
+    model = unwrap(model)
+    adapter_ids = {id(p) for p in adapter_parameters(model).values()}
+    report = {"adapter": {"full": 0, "local": 0, "sharded_tensors": 0, "tensors": 0},
+              "base": {"full": 0, "local": 0, "sharded_tensors": 0, "tensors": 0}}
+    for p in model.parameters():
+        if _is_zero3(p):
+            full, local = p.ds_numel, p.ds_tensor.numel()
+        elif _is_dtensor(p):
+            full, local = p.numel(), p.to_local().numel()
+        else:
+            full = local = p.numel()
+        part = report["adapter" if id(p) in adapter_ids else "base"]
+        part["full"] += full
+        part["local"] += local
+        part["tensors"] += 1
+        part["sharded_tensors"] += int(local < full)
+    return report
