@@ -63,6 +63,9 @@ class DataConfig:
     format: Literal["alpaca", "messages", "prompt-completion", "text", "preference"] = "alpaca"
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    # Where the format's fields come from when the data names them otherwise, e.g. the orca
+    # DPO pairs' question column: {prompt: input}. Keys are the format's fields.
+    columns: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -298,6 +301,16 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("train.max_steps / train.epochs: nothing to train (set max_steps > 0 or epochs > 0)")
     if cfg.distributed.zero_stage not in (2, 3):
         raise ConfigError(f"distributed.zero_stage: must be 2 or 3, got {cfg.distributed.zero_stage}")
+    from .data import FIELDS
+
+    for name, column in cfg.data.columns.items():
+        if name not in FIELDS[cfg.data.format]:
+            raise ConfigError(
+                f"data.columns.{name}: not a field of data.format {cfg.data.format} "
+                f"(fields: {', '.join(FIELDS[cfg.data.format])})"
+            )
+        if not isinstance(column, str) or not column:
+            raise ConfigError(f"data.columns.{name}: expected a column name, got {column!r}")
     if t.objective == "dpo" and cfg.data.format != "preference":
         raise ConfigError(f"data.format: dpo needs preference data (prompt, chosen, rejected), got {cfg.data.format!r}")
     if t.objective == "sft" and cfg.data.format == "preference":

@@ -13,6 +13,8 @@ text               text                                   text (loss on every to
 preference         prompt, chosen, rejected (strings or   the same (DPO)
                    message lists)
 =================  =====================================  ==================================
+
+``data.columns`` maps a field to a differently named column (``{prompt: input}``).
 """
 
 from __future__ import annotations
@@ -115,6 +117,14 @@ CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "preference": preference,
 }
 FORMATS = tuple(CONVERTERS)
+# The fields each format reads (what data.columns may map).
+FIELDS = {
+    "alpaca": ("instruction", "input", "output"),
+    "messages": ("messages",),
+    "prompt-completion": ("prompt", "completion"),
+    "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
+}
 
 
 # --------------------------------------------------------------------------- reading
@@ -167,17 +177,24 @@ def is_local(source: str) -> bool:
     return source.endswith(LOCAL_SUFFIXES) or os.path.exists(source)
 
 
-def read_rows(source: str, fmt: str, key: str = "data.train", limit: int | None = None) -> list[dict]:
-    """Rows of a local file (or a hub dataset id), converted to the trainer's columns."""
+def read_rows(
+    source: str, fmt: str, key: str = "data.train", limit: int | None = None, columns: dict[str, str] | None = None
+) -> list[dict]:
+    """Rows of a local file (or a hub dataset id), converted to the trainer's columns.
+    ``columns`` maps a format field to the column holding it."""
     if fmt not in CONVERTERS:
         raise TensorftError(f"data.format: {fmt!r} is not one of {', '.join(FORMATS)}")
     convert = CONVERTERS[fmt]
+    columns = columns or {}
     out = []
     for where, row in _source_rows(source, key):
         if not isinstance(row, dict):
             raise TensorftError(f"{where}: expected an object with fields, got {type(row).__name__}")
+        for field, column in columns.items():
+            if column not in row:
+                raise TensorftError(f"{where}: no column {column!r} (data.columns.{field})")
         try:
-            out.append(convert(row))
+            out.append(convert({**row, **{field: row[column] for field, column in columns.items()}}))
         except RowError as e:
             raise TensorftError(f"{where}: {e} (data.format: {fmt})") from None
         if limit is not None and len(out) >= limit:
@@ -210,8 +227,10 @@ def _source_rows(source: str, key: str) -> Iterator[tuple[str, Any]]:
         yield f"{source}: row {i}", row
 
 
-def load_dataset(source: str, fmt: str, key: str = "data.train", limit: int | None = None):
+def load_dataset(
+    source: str, fmt: str, key: str = "data.train", limit: int | None = None, columns: dict[str, str] | None = None
+):
     """A ``datasets.Dataset`` with the trainer's columns for ``fmt``."""
     import datasets
 
-    return datasets.Dataset.from_list(read_rows(source, fmt, key, limit))
+    return datasets.Dataset.from_list(read_rows(source, fmt, key, limit, columns))

@@ -39,10 +39,11 @@ def load_data(cfg: Config):
 
     if not cfg.data.train:
         raise ConfigError("data.train: missing; name a local .json/.jsonl/.csv/.parquet file or a hub dataset")
-    train = load_dataset(cfg.data.train, cfg.data.format, "data.train", cfg.data.max_train_samples)
+    d = cfg.data
+    train = load_dataset(d.train, d.format, "data.train", d.max_train_samples, d.columns)
     evaluation = None
     if cfg.data.eval:
-        evaluation = load_dataset(cfg.data.eval, cfg.data.format, "data.eval", cfg.data.max_eval_samples)
+        evaluation = load_dataset(d.eval, d.format, "data.eval", d.max_eval_samples, d.columns)
     return train, evaluation
 
 

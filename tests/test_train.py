@@ -40,8 +40,10 @@ def workdir(tmp_path_factory):
     _jsonl(work / "messages.jsonl", [
         {"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]} for w in words
     ])
+    # shaped like the orca DPO pairs: the question is in `input` (mapped by data.columns)
     _jsonl(work / "pairs.jsonl", [
-        {"prompt": f"Colour: {w}?", "chosen": f" {w}", "rejected": f" {words[(i + 1) % 8]}"} for i, w in enumerate(words)
+        {"system": "", "input": f"Colour: {w}?", "chosen": f" {w}", "rejected": f" {words[(i + 1) % 8]}"}
+        for i, w in enumerate(words)
     ] * 2)
     return work
 
@@ -160,7 +162,7 @@ def test_messages_format_and_dpo(workdir):
     assert p.returncode == 0, p.stderr[-2000:]
     config = write_config(
         workdir, "dpo",
-        data={"train": str(workdir / "pairs.jsonl"), "format": "preference"},
+        data={"train": str(workdir / "pairs.jsonl"), "format": "preference", "columns": {"prompt": "input"}},
         train={"objective": "dpo", "max_steps": 6, "dpo_beta": 0.1, "lr": 0.02},
     )
     p = train(config)
@@ -177,6 +179,8 @@ BAD_INPUT = [
     ({"data": {"train": "BROKEN_ROW"}}, "broken.jsonl: row 3: missing field 'output' (data.format: alpaca)"),
     ({"train": {"objective": "dpo"}}, "data.format: dpo needs preference data"),
     ({"train": {"batch_size": 0}}, "train.batch_size: must be at least 1"),
+    ({"data": {"columns": {"question": "input"}}}, "data.columns.question: not a field of data.format alpaca"),
+    ({"data": {"columns": {"output": "answer"}}}, "alpaca.jsonl: row 1: no column 'answer' (data.columns.output)"),
 ]
 
 
