@@ -270,9 +270,13 @@ def test_ddp_two_ranks_matches_single_process_loss_curve(workdir, reference_run)
 
 
 def test_deepspeed_zero2_two_ranks_matches_single_process(workdir, reference_run):
+    """Started by DeepSpeed's own launcher (`deepspeed --num_gpus 2`, two CPU ranks here)."""
     config = write_config(workdir, "zero2", train={"max_steps": 4, "batch_size": 4, "save_steps": 2},
                           distributed={"strategy": "deepspeed", "zero_stage": 2})
-    p = torchrun(config)
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    p = subprocess.run([launcher, "--num_gpus", "2", TRAIN, "--config", config], env=env, capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     info = run_info(workdir / "zero2")
     assert info["strategy"] == "deepspeed" and info["world_size"] == 2 and info["process_group"] == 2
