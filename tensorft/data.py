@@ -230,7 +230,17 @@ def _source_rows(source: str, key: str) -> Iterator[tuple[str, Any]]:
 def load_dataset(
     source: str, fmt: str, key: str = "data.train", limit: int | None = None, columns: dict[str, str] | None = None
 ):
-    """A ``datasets.Dataset`` with the trainer's columns for ``fmt``."""
+    """A ``datasets.Dataset`` with the trainer's columns for ``fmt``.
+
+    Built into the datasets cache (keyed by the rows' content) rather than held in memory:
+    derived data (tokenized rows, DPO's precomputed reference log-probs) is then cached beside
+    it, where every rank finds what the main process wrote; an in-memory dataset would cache
+    into a private temporary directory per process."""
     import datasets
 
-    return datasets.Dataset.from_list(read_rows(source, fmt, key, limit, columns))
+    rows = read_rows(source, fmt, key, limit, columns)
+    return datasets.Dataset.from_generator(_yield_rows, gen_kwargs={"rows": rows})
+
+
+def _yield_rows(rows: list[dict]) -> Iterator[dict]:
+    yield from rows

@@ -84,9 +84,7 @@ def shard_fsdp2(model: nn.Module) -> nn.Module:
 
     Applied after the adapter is attached, so adapter parameters are sharded like the rest:
     per-layer factors with their layer, the CP tensor's shared factors with the root (gathered
-    once per forward). The Trainer is told the model owns placement and gradient reduction,
-    the contract transformers uses for models it shards at load time, so it neither moves the
-    model nor wraps it in DDP."""
+    once per forward)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -99,8 +97,15 @@ def shard_fsdp2(model: nn.Module) -> nn.Module:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    model._is_distributed_loading_by_transformers = True
+    will_shard_itself(model)
     return model
+
+
+def will_shard_itself(model: nn.Module) -> None:
+    """Tell the Trainer (read when it is built) that the model owns its placement and gradient
+    reduction, the contract transformers uses for models it shards at load time: no DDP
+    wrapper, no ``.to(device)`` of the whole unsharded model."""
+    model._is_distributed_loading_by_transformers = True
 
 
 def sharding_report(model: nn.Module) -> dict:

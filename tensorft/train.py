@@ -185,9 +185,9 @@ def build_model(cfg: Config):
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
     if cfg.distributed.strategy == "fsdp":
-        from .distributed import shard_fsdp2
+        from .distributed import will_shard_itself
 
-        shard_fsdp2(model)  # after attach: the adapter's parameters are sharded too
+        will_shard_itself(model)  # sharded once the trainer is built (see run)
     return model, tokenizer
 
 
@@ -232,6 +232,12 @@ def run(cfg: Config) -> int:
         callbacks=callbacks,
     )
     trainer.keep_checkpoints = cfg.train.save_total_limit
+    if cfg.distributed.strategy == "fsdp":
+        from .distributed import shard_fsdp2
+
+        # After the trainer's set-up (trl fingerprints the model's plain tensors), before the
+        # optimizer exists; after attach, so the adapter is sharded too.
+        shard_fsdp2(model)
     trainer.add_callback(RunInfoCallback(os.path.join(out, "run_info.json"), cfg.distributed.strategy))
     resume = newest_complete_checkpoint(checkpoints)
     if resume and _is_main():

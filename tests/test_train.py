@@ -326,6 +326,25 @@ def test_sharded_run_killed_then_resumed_equals_single_process(workdir, referenc
     assert_same_run(out, reference_run, loss_tol=1e-4, weight_tol=1e-5)
 
 
+def test_dpo_on_two_fsdp_ranks_matches_single_process(workdir):
+    """DPO with its reference log-probs precomputed (adapters off) on sharded ranks: the cache
+    the main process writes is found by the other rank, and the losses are one process's."""
+    dpo = {"data": {"train": str(workdir / "pairs.jsonl"), "format": "preference", "columns": {"prompt": "input"}},
+           "train": {"objective": "dpo", "max_steps": 3, "lr": 0.02, "save_steps": 10}}
+    one = write_config(workdir, "dpo-one", data=dpo["data"], train={**dpo["train"], "batch_size": 8})
+    two = write_config(workdir, "dpo-fsdp", data=dpo["data"], train={**dpo["train"], "batch_size": 4},
+                       distributed={"strategy": "fsdp"})
+    assert train(one).returncode == 0
+    p = torchrun(two)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert run_info(workdir / "dpo-fsdp")["adapter"]["sharded_tensors"] > 0
+    a, b = metrics(workdir / "dpo-one"), metrics(workdir / "dpo-fsdp")
+    assert abs(b[0]["loss"] - 0.6931) < 1e-3
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-4, (a, b)
+
+
 def test_nf4_base_sft(workdir):
     """A 4-bit (bitsandbytes nf4) base trains through the launcher, and the adapter reloads
     onto a 4-bit base."""
