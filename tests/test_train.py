@@ -105,6 +105,15 @@ def test_sft_loss_falls_and_only_the_adapter_changes(workdir):
     assert factors["tensorft.shared.attention.B"].abs().max() > 0  # B starts at zero: it learned
 
 
+@pytest.mark.parametrize("kind", ["lora", "tt"])
+def test_every_registered_kind_trains_through_the_launcher(workdir, kind):
+    p = train(write_config(workdir, f"sft-{kind}", adapter={"kind": kind}, train={"max_steps": 5, "save_steps": 10}))
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = metrics(workdir / f"sft-{kind}")
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
+    assert json.loads((workdir / f"sft-{kind}" / "adapter_config.json").read_text())["kind"] == kind
+
+
 def test_finished_run_is_not_overwritten(workdir):
     before = (workdir / "sft" / "adapter_model.safetensors").read_bytes()
     p = train(str(workdir / "sft.yaml"))
