@@ -208,27 +208,42 @@ def test_bad_input_one_line_exit_2_nothing_written(workdir, sections, message):
     assert not (workdir / name).exists()
 
 
-def test_slurm_script_trains_two_local_ranks(workdir, tmp_path):
-    """sbatch script run as SLURM would, with a stand-in srun that runs the task locally."""
+SLURM_RUNS = {  # script -> the tiny config it runs here (each script's own default is a 7B model)
+    "lorta_alpaca.sh": {"distributed": {"strategy": "ddp"}},
+    "lorta_dpo.sh": {"distributed": {"strategy": "ddp"}, "train": {"objective": "dpo"},
+                     "data": {"format": "preference", "columns": {"prompt": "input"}}},
+    "zero3_multinode.sh": {"distributed": {"strategy": "deepspeed", "zero_stage": 3}},
+}
+
+
+@pytest.mark.parametrize("script", sorted(SLURM_RUNS))
+def test_slurm_script_trains_two_local_ranks(workdir, tmp_path, script):
+    """Each sbatch script run as SLURM would, with a stand-in srun that runs the task locally."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
     (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && echo localhost\n')
     for f in ("srun", "scontrol"):
         os.chmod(bin_dir / f, 0o755)
-    config = write_config(workdir, "slurm", train={"max_steps": 3, "save_steps": 10}, distributed={"strategy": "ddp"})
+    sections = SLURM_RUNS[script]
+    name = "slurm-" + script.split(".")[0]
+    data = {**({"train": str(workdir / "pairs.jsonl")} if "columns" in sections.get("data", {}) else {}),
+            **sections.get("data", {})}
+    config = write_config(workdir, name, distributed=sections["distributed"], data=data,
+                          train={"max_steps": 2, "save_steps": 10, "batch_size": 4, **sections.get("train", {})})
     env = {
         **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
         "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "node[01]",
         "SLURM_SUBMIT_DIR": ROOT, "GPUS_PER_NODE": "2", "CONFIG": config, "PYTHON": sys.executable,
     }
-    p = subprocess.run(["bash", os.path.join(ROOT, "slurm", "lorta_alpaca.sh")], env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(["bash", os.path.join(ROOT, "slurm", script)], env=env, capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "1 node(s) x 2 process(es), rendezvous localhost:" in p.stdout
-    info = json.loads((workdir / "slurm" / "run_info.json").read_text())
+    info = json.loads((workdir / name / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["process_group"] == 2 and info["backend"] == "gloo"
-    assert (workdir / "slurm" / "FINISHED").exists()
+    assert [r["step"] for r in metrics(workdir / name)] == [1, 2]
+    assert (workdir / name / "FINISHED").exists()
 
 
 def torchrun(config, *extra, wait=True):
