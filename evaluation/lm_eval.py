@@ -1,0 +1,296 @@
+"""Evaluate a tensorft adapter with lm-eval, loading it natively (no PEFT export needed).
+
+    python -m evaluation.lm_eval --adapter DIR [--task-id N] [--base DIR] <lm-eval run arguments>
+
+runs lm-eval's own command line (``lm_eval run``) with ``--model tensorft`` and this adapter;
+every other argument (``--tasks``, ``--include_path``, ``--num_fewshot``, ``--limit``,
+``--batch_size``, ``--device``, ``--model_args``, ``--metadata``, ...) means what it means to
+lm-eval. ``--output_path`` is required: lm-eval writes its results JSON there and this wrapper
+writes the same table as markdown next to it (``results_<date>.md``).
+
+The ``tensorft`` model is lm-eval's ``HFLM`` given the model that ``tensorft.from_pretrained``
+loads, so any adapter kind evaluates, including kinds that cannot be exported to PEFT.
+``task_id=N`` (``--task-id``) sets ``tensorft.task_context`` around every forward and
+``generate`` call, for task-routed kinds; one id per run. From Python::
+
+    from evaluation.lm_eval import TensorftLM
+    lm_eval.simple_evaluate(model=TensorftLM(adapter="out/adapter", task_id=0), tasks=[...])
+
+Model arguments of ``tensorft`` besides HFLM's own: ``adapter`` (the adapter directory; also
+accepted as ``pretrained``, which is what the wrapper passes so lm-eval names its output folder
+after the adapter), ``task_id``, ``base`` (load the base model from another place than the one
+recorded in the adapter), ``dtype`` and ``quantization`` (as ``model:`` config keys).
+Bad input ends with one line ``tensorft: error: ...`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import os
+import sys
+
+MODEL_NAME = "tensorft"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as the tensorft command does
+        self.exit(2, f"tensorft: error: {message}\n")
+
+
+# --------------------------------------------------------------------------- the lm-eval model
+
+_CLASS = None
+
+
+def tensorft_lm_class():
+    """Define ``TensorftLM`` and register it with lm-eval as ``tensorft`` (once per process).
+
+    Deferred so that ``python -m evaluation.lm_eval`` reports bad arguments before importing
+    lm-eval (seconds).
+    """
+    global _CLASS
+    if _CLASS is not None:
+        return _CLASS
+
+    import torch
+    from lm_eval.api.registry import model_registry, register_model
+    from lm_eval.models.huggingface import HFLM
+
+    import tensorft
+    from tensorft.errors import TensorftError
+    from tensorft.saving import read_adapter_config
+
+    class TensorftLM(HFLM):
+        """lm-eval's Hugging Face model class around a tensorft adapter (any kind)."""
+
+        def __init__(
+            self,
+            adapter: str | None = None,
+            pretrained: str | None = None,
+            task_id: int | None = None,
+            base: str | None = None,
+            tokenizer=None,
+            device: str | None = None,
+            dtype: str | None = None,
+            quantization: str | None = None,
+            **kwargs,
+        ) -> None:
+            if adapter and pretrained and os.path.abspath(adapter) != os.path.abspath(str(pretrained)):
+                raise TensorftError(f"tensorft model: adapter={adapter} and pretrained={pretrained} disagree")
+            adapter = adapter or pretrained
+            if not isinstance(adapter, str) or not adapter:
+                raise TensorftError("tensorft model: name the adapter directory (model_args adapter=DIR)")
+            for key in ("peft", "delta", "parallelize", "tp_plan"):
+                if kwargs.get(key):
+                    raise TensorftError(f"tensorft model: {key}= is not supported (the adapter is loaded natively)")
+            if task_id is not None and (isinstance(task_id, bool) or not isinstance(task_id, int) or task_id < 0):
+                raise TensorftError(f"tensorft model: task_id must be an integer >= 0, got {task_id!r}")
+            adapter_cfg, model_cfg, _ = read_adapter_config(adapter)
+            overrides = {}
+            if base:
+                overrides["name_or_path"] = base
+            if dtype not in (None, "auto"):
+                overrides["dtype"] = str(dtype).replace("torch.", "")
+            if quantization:
+                overrides["quantization"] = quantization
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            hf_kwargs = {} if device == "cpu" else {"device_map": {"": device}}
+            model = tensorft.from_pretrained(adapter, **overrides, **hf_kwargs)
+            model.eval()
+            self.adapter = os.path.abspath(adapter)
+            self.task_id = task_id
+            self.adapter_config = adapter_cfg
+            self.trainable_parameters = tensorft.count_parameters(model)
+            base_name = overrides.get("name_or_path") or model_cfg.name_or_path
+            super().__init__(pretrained=model, tokenizer=tokenizer or base_name, **kwargs)
+            self.base = base_name
+
+        @contextlib.contextmanager
+        def _task_scope(self, batch_size: int):
+            if self.task_id is None:
+                yield
+                return
+            ids = torch.full((batch_size,), self.task_id, dtype=torch.long, device=self.device)
+            with tensorft.task_context(self.model, ids):
+                yield
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            with self._task_scope(inps.shape[0]):
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            with self._task_scope(context.shape[0]):
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+        def get_model_info(self) -> dict:
+            info = super().get_model_info()
+            cfg = self.adapter_config
+            info["tensorft"] = {
+                "adapter": self.adapter,
+                "base": self.base,
+                "kind": cfg.kind,
+                "rank": cfg.rank,
+                "alpha": cfg.alpha,
+                "targets": list(cfg.targets),
+                "trainable_parameters": self.trainable_parameters,
+                "task_id": self.task_id,
+            }
+            return info
+
+    if MODEL_NAME not in model_registry:
+        register_model(MODEL_NAME)(TensorftLM)
+    _CLASS = TensorftLM
+    return _CLASS
+
+
+def __getattr__(name):  # ``from evaluation.lm_eval import TensorftLM`` defines it on first use
+    if name == "TensorftLM":
+        return tensorft_lm_class()
+    raise AttributeError(name)
+
+
+# --------------------------------------------------------------------------- results as markdown
+
+
+def markdown_table(results: dict) -> str:
+    """lm-eval's own results table (markdown), headed by the adapter it evaluated."""
+    from lm_eval.utils import make_table
+
+    lines = []
+    info = (results.get("config") or {}).get("tensorft")
+    if info:
+        lines.append(
+            f"adapter `{info['adapter']}`: kind {info['kind']}, rank {info['rank']}, "
+            f"{info['trainable_parameters']:,} trainable parameters"
+            + (f", task id {info['task_id']}" if info.get("task_id") is not None else "")
+        )
+        lines.append("")
+    lines.append(make_table(results).rstrip())
+    if results.get("groups"):
+        lines += ["", make_table(results, "groups").rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def _results_files(output_path: str) -> dict[str, float]:
+    """Results JSON files lm-eval may have written for ``--output_path`` (path -> mtime)."""
+    if output_path.endswith(".json"):
+        stem = os.path.splitext(os.path.basename(output_path))[0]
+        pattern = os.path.join(os.path.dirname(os.path.abspath(output_path)), f"{stem}_*.json")
+    else:
+        pattern = os.path.join(output_path, "*", "results_*.json")
+    return {p: os.path.getmtime(p) for p in glob.glob(pattern)}
+
+
+def write_markdown(results_json: str) -> str:
+    from tensorft.saving import write_text
+
+    with open(results_json, encoding="utf-8") as f:
+        results = json.load(f)
+    out = os.path.splitext(results_json)[0] + ".md"
+    write_text(out, markdown_table(results))
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m evaluation.lm_eval",
+        allow_abbrev=False,  # never take lm-eval's --tasks for our --task-id
+        description="Run lm-eval on a tensorft adapter. Other arguments go to `lm_eval run` "
+        "(see `lm_eval run --help`); --output_path is required.",
+    )
+    parser.add_argument("--adapter", required=True, help="tensorft adapter directory (adapter_config.json)")
+    parser.add_argument("--task-id", type=int, default=None, help="task id for task-routed adapter kinds")
+    parser.add_argument("--base", default=None, help="base model directory, if not where the adapter says")
+    return parser
+
+
+def _option_value(args: list[str], names: tuple[str, ...]) -> str | None:
+    value = None
+    for i, arg in enumerate(args):
+        for name in names:
+            if arg == name and i + 1 < len(args):
+                value = args[i + 1]
+            elif name.startswith("--") and arg.startswith(name + "="):
+                value = arg.split("=", 1)[1]
+    return value
+
+
+def _has_option(args: list[str], names: tuple[str, ...]) -> bool:
+    return any(a in names or any(a.startswith(n + "=") for n in names if n.startswith("--")) for a in args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        ns, rest = build_parser().parse_known_args(argv)
+    except SystemExit as e:  # --help, or a bad option of ours (already printed as one line)
+        return _exit_code(e)
+    error = _check(ns, rest)
+    if error:
+        print(f"tensorft: error: {error}", file=sys.stderr)
+        return 2
+    output_path = _option_value(rest, ("--output_path", "-o"))
+    model_args = {"pretrained": os.path.abspath(ns.adapter)}
+    if ns.task_id is not None:
+        model_args["task_id"] = ns.task_id
+    if ns.base:
+        model_args["base"] = os.path.abspath(ns.base)
+    # JSON, not key=value: an adapter path may contain commas.
+    lm_argv = ["lm-eval", "run", *rest, "--model", MODEL_NAME, "--model_args", json.dumps(model_args)]
+
+    from tensorft.errors import TensorftError
+
+    before = _results_files(output_path)
+    saved_argv = sys.argv
+    try:
+        tensorft_lm_class()
+        from lm_eval.__main__ import cli_evaluate
+
+        sys.argv = lm_argv
+        cli_evaluate()
+    except SystemExit as e:  # lm-eval's own argument parser
+        return _exit_code(e)
+    except (TensorftError, ValueError, FileNotFoundError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"tensorft: error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved_argv
+    written = [p for p, m in _results_files(output_path).items() if p not in before or m > before[p]]
+    for path in sorted(written):
+        print(f"results: {path}\ntable:   {write_markdown(path)}")
+    return 0
+
+
+def _exit_code(e: SystemExit) -> int:
+    return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
+
+
+def _check(ns, rest: list[str]) -> str | None:
+    """The problem with the command line, before anything is loaded (None when fine)."""
+    from tensorft.errors import TensorftError
+    from tensorft.saving import read_adapter_config
+
+    if _has_option(rest, ("--model", "-M")):
+        return "--model is set by this wrapper (tensorft); drop it"
+    if ns.task_id is not None and ns.task_id < 0:
+        return f"--task-id must be >= 0, got {ns.task_id}"
+    if not _option_value(rest, ("--output_path", "-o")):
+        return "--output_path is required (lm-eval's results JSON and the markdown table go there)"
+    if ns.base and not os.path.isdir(ns.base):
+        return f"--base {ns.base}: not a directory"
+    try:
+        read_adapter_config(ns.adapter)
+    except TensorftError as e:
+        return str(e)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
