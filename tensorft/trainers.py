@@ -1,8 +1,10 @@
 """Trainers composed from trl: adapter-only checkpoints that are atomic, DPO's reference as the
 same model with its adapters switched off, metrics, and checkpoint-on-signal.
 
-trl's SFTTrainer and DPOTrainer do the training loop; the mixin below only changes what a
-checkpoint holds (the adapter, not the base weights) and how one is marked complete.
+trl's SFTTrainer and DPOTrainer do the training loop; the mixin below changes what a
+checkpoint holds (the adapter, not the base weights; gathered when sharded; the optimizer of a
+self-sharded FSDP2 model) and how one is marked complete, and lets a quantized base with a
+tensorft adapter past transformers' "purely quantized model" check.
 """
 
 from __future__ import annotations
