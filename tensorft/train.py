@@ -110,7 +110,7 @@ def training_arguments(cfg: Config, checkpoints_dir: str):
         seed=t.seed,
         data_seed=t.seed,
         bf16=t.bf16,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
         # DeepSpeed brings its own CPU accelerator; use_cpu would bypass it (one process each).
         use_cpu=cpu and not deepspeed,
         report_to="none",  # TensorBoard is added explicitly, writing into output_dir/tensorboard
