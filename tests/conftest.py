@@ -35,6 +35,26 @@ def tiny_llama(kv_heads=4, heads=4, hidden=64, layers=2, head_dim=None, seed=0, 
     return model
 
 
+def save_tiny_chat_llama(directory, hidden=64, intermediate=128, max_positions=256, tie_embeddings=True) -> str:
+    """A 2-layer Llama with SmolLM2's real tokenizer (and chat template), saved to ``directory``
+    as a Hugging Face model dir, for tests that go through the real loading code."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tensorft.pretrained import smollm2_135m_instruct
+
+    tok = AutoTokenizer.from_pretrained(smollm2_135m_instruct())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_embeddings,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)
+
+
 def tiny_mistral(seed=0):
     from transformers import MistralConfig, MistralForCausalLM
 

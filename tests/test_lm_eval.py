@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import tensorft
-from conftest import randomize_adapters
+from conftest import randomize_adapters, save_tiny_chat_llama
 from tensorft.adapters.base import AdapterKind, SiteAdapter
 from tensorft.cli import run as tensorft_cli
 from tensorft.errors import TensorftError
@@ -95,21 +95,10 @@ def _jsonl(path, rows):
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from tensorft.pretrained import smollm2_135m_instruct
+    from transformers import LlamaForCausalLM
 
     work = tmp_path_factory.mktemp("lm_eval")
-    tok = AutoTokenizer.from_pretrained(smollm2_135m_instruct())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    base = str(work / "tiny")
-    LlamaForCausalLM(cfg).save_pretrained(base)
-    tok.save_pretrained(base)
+    base = save_tiny_chat_llama(work / "tiny")
     for kind, name in (("cp", "cp"), ("test_task_lora", "routed")):
         model = LlamaForCausalLM.from_pretrained(base)
         tensorft.attach(model, {"kind": kind, "rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]})

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tensorft
-from conftest import randomize_adapters
+from conftest import randomize_adapters, save_tiny_chat_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # evaluation/ is a folder of the repository, not an installed package
@@ -170,19 +170,10 @@ def judge_env(monkeypatch):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny Llama with SmolLM2's tokenizer (chat template), a saved cp adapter, the data."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from tensorft.pretrained import smollm2_135m_instruct
+    from transformers import LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("mtb")
-    tok = AutoTokenizer.from_pretrained(smollm2_135m_instruct())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=False)
-    base = str(root / "base")
-    LlamaForCausalLM(cfg).save_pretrained(base)
-    tok.save_pretrained(base)
+    base = save_tiny_chat_llama(root / "base", hidden=32, intermediate=64, max_positions=2048, tie_embeddings=False)
     model = LlamaForCausalLM.from_pretrained(base)  # so the adapter records where its base is
     tensorft.attach(model, {"kind": "cp", "rank": 2, "alpha": 4, "targets": ["q_proj", "v_proj"]})
     randomize_adapters(model)

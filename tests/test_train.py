@@ -13,6 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import save_tiny_chat_llama
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launcher", "train.py")
 
@@ -20,20 +22,8 @@ TRAIN = os.path.join(ROOT, "launcher", "train.py")
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A tiny Llama (SmolLM2's tokenizer and chat template) and small data sets in every format."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from tensorft.pretrained import smollm2_135m_instruct
-
     work = tmp_path_factory.mktemp("train")
-    tok = AutoTokenizer.from_pretrained(smollm2_135m_instruct())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(work / "tiny")
-    tok.save_pretrained(work / "tiny")
+    save_tiny_chat_llama(work / "tiny")
     words = ["red", "green", "blue", "black", "white", "pink", "gray", "brown"]
     alpaca = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"} for w in words]
     _jsonl(work / "alpaca.jsonl", alpaca)
