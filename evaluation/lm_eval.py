@@ -1,6 +1,6 @@
 """Evaluate a tensorft adapter with lm-eval, loading it natively (no PEFT export needed).
 
-    python -m evaluation.lm_eval --adapter DIR [--task-id N] [--base DIR] <lm-eval run arguments>
+    python -m evaluation.lm_eval --adapter DIR [--task-name NAME] [--task-map T=NAME,...] [--base DIR] <lm-eval run arguments>
 
 runs lm-eval's own command line (``lm_eval run``) with ``--model tensorft`` and this adapter;
 every other argument (``--tasks``, ``--include_path``, ``--num_fewshot``, ``--limit``,
@@ -10,16 +10,20 @@ writes the same table as markdown next to it (``results_<date>.md``).
 
 The ``tensorft`` model is lm-eval's ``HFLM`` given the model that ``tensorft.from_pretrained``
 loads, so any adapter kind evaluates, including kinds that cannot be exported to PEFT.
-``task_id=N`` (``--task-id``) sets ``tensorft.task_context`` around every forward and
-``generate`` call, for task-routed kinds; one id per run. From Python::
+Task-routed kinds: ``--task-name NAME`` (a name from the adapter's ``tasks``) sets
+``tensorft.task_context`` with that task's id around every forward and ``generate`` call;
+``--task-map lmeval_task=NAME,...`` routes each lm-eval task's requests with its own task, so
+one run evaluates several (lm-eval tasks it leaves out use ``--task-name``; keys are lm-eval's
+leaf task names, as in the results table). ``--task-id N`` is the older integer form. From Python::
 
     from evaluation.lm_eval import TensorftLM
-    lm_eval.simple_evaluate(model=TensorftLM(adapter="out/adapter", task_id=0), tasks=[...])
+    lm_eval.simple_evaluate(model=TensorftLM(adapter="out/adapter", task_name="sst2"), tasks=[...])
 
 Model arguments of ``tensorft`` besides HFLM's own: ``adapter`` (the adapter directory; also
 accepted as ``pretrained``, which is what the wrapper passes so lm-eval names its output folder
-after the adapter), ``task_id``, ``base`` (load the base model from another place than the one
-recorded in the adapter), ``dtype`` and ``quantization`` (as ``model:`` config keys).
+after the adapter), ``task_name``, ``task_map`` (a dict or the string form), ``task_id``,
+``base`` (load the base model from another place than the one recorded in the adapter),
+``dtype`` and ``quantization`` (as ``model:`` config keys).
 Bad input ends with one line ``tensorft: error: ...`` and exit code 2.
 """
 
@@ -71,6 +75,8 @@ def tensorft_lm_class():
             adapter: str | None = None,
             pretrained: str | None = None,
             task_id: int | None = None,
+            task_name: str | None = None,
+            task_map: dict | str | None = None,
             base: str | None = None,
             tokenizer=None,
             device: str | None = None,
@@ -89,6 +95,8 @@ def tensorft_lm_class():
             if task_id is not None and (isinstance(task_id, bool) or not isinstance(task_id, int) or task_id < 0):
                 raise TensorftError(f"tensorft model: task_id must be an integer >= 0, got {task_id!r}")
             adapter_cfg, model_cfg, _ = read_adapter_config(adapter)
+            self.task_name, self.task_map = task_name, parse_task_map(task_map)
+            self.default_task, self.task_ids = routing_ids(adapter_cfg, task_id, task_name, self.task_map)
             overrides = {}
             if base:
                 overrides["name_or_path"] = base
@@ -101,7 +109,7 @@ def tensorft_lm_class():
             model = tensorft.from_pretrained(adapter, **overrides, **hf_kwargs)
             model.eval()
             self.adapter = os.path.abspath(adapter)
-            self.task_id = task_id
+            self.task_id = self.default_task  # the id the next forwards route with
             self.adapter_config = adapter_cfg
             self.trainable_parameters = tensorft.count_parameters(model)
             base_name = overrides.get("name_or_path") or model_cfg.name_or_path
@@ -125,6 +133,44 @@ def tensorft_lm_class():
             with self._task_scope(context.shape[0]):
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
+        # lm-eval hands every task's requests of one type to one call and batches them by
+        # length; with a task map, each lm-eval task's requests run apart with their own id.
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return self._by_task(super().loglikelihood, requests, disable_tqdm=disable_tqdm)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return self._by_task(super().loglikelihood_rolling, requests, disable_tqdm=disable_tqdm)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return self._by_task(super().generate_until, requests, disable_tqdm=disable_tqdm)
+
+        def _task_of(self, request) -> int | None:
+            if request.task_name in self.task_ids:
+                return self.task_ids[request.task_name]
+            if self.task_ids and self.default_task is None:
+                raise TensorftError(
+                    f"lm-eval task {request.task_name!r} has no adapter task: add {request.task_name}=NAME to "
+                    "--task-map, or --task-name NAME for the tasks the map leaves out"
+                )
+            return self.default_task
+
+        def _by_task(self, method, requests, **kwargs) -> list:
+            if not self.task_ids:
+                return method(requests, **kwargs)
+            groups: dict[int | None, list[int]] = {}
+            for i, request in enumerate(requests):
+                groups.setdefault(self._task_of(request), []).append(i)
+            results: list = [None] * len(requests)
+            try:
+                for task_id, indices in groups.items():
+                    self.task_id = task_id
+                    for i, result in zip(indices, method([requests[i] for i in indices], **kwargs)):
+                        results[i] = result
+            finally:
+                self.task_id = self.default_task
+            return results
+
         def get_model_info(self) -> dict:
             info = super().get_model_info()
             cfg = self.adapter_config
@@ -136,7 +182,9 @@ def tensorft_lm_class():
                 "alpha": cfg.alpha,
                 "targets": list(cfg.targets),
                 "trainable_parameters": self.trainable_parameters,
-                "task_id": self.task_id,
+                "task_id": self.default_task,
+                "task_name": self.task_name,
+                "task_map": self.task_map or None,
             }
             return info
 
@@ -144,6 +192,31 @@ def tensorft_lm_class():
         register_model(MODEL_NAME)(TensorftLM)
     _CLASS = TensorftLM
     return _CLASS
+
+
+def parse_task_map(task_map: dict | str | None) -> dict[str, str]:
+    """``lmeval_task=adapter_task,...`` (or a dict) -> {lm-eval task: adapter task name}."""
+    from tensorft.errors import TensorftError
+
+    if isinstance(task_map, dict) or not task_map:
+        return dict(task_map or {})
+    pairs = [item.split("=", 1) for item in task_map.split(",") if item.strip()]
+    if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+        raise TensorftError(f"--task-map {task_map}: expected lmeval_task=adapter_task,...")
+    return {lm.strip(): name.strip() for lm, name in pairs}
+
+
+def routing_ids(adapter_cfg, task_id: int | None, task_name: str | None, task_map: dict[str, str]):
+    """(the default task id, {lm-eval task: task id}) from the adapter's task names.
+
+    ``task_id`` is the older integer form, passed through for any kind; names go through
+    ``AdapterConfig.task_id`` (unknown names list the known ones; static kinds refuse them)."""
+    from tensorft.errors import TensorftError
+
+    if task_id is not None and task_name is not None:
+        raise TensorftError("give --task-name or --task-id, not both")
+    default = task_id if task_name is None else adapter_cfg.task_id(task_name)
+    return default, {lm: adapter_cfg.task_id(name) for lm, name in task_map.items()}
 
 
 def __getattr__(name):  # ``from evaluation.lm_eval import TensorftLM`` defines it on first use
@@ -165,13 +238,21 @@ def markdown_table(results: dict) -> str:
         lines.append(
             f"adapter `{info['adapter']}`: kind {info['kind']}, rank {info['rank']}, "
             f"{info['trainable_parameters']:,} trainable parameters"
-            + (f", task id {info['task_id']}" if info.get("task_id") is not None else "")
+            + _routing_note(info)
         )
         lines.append("")
     lines.append(make_table(results).rstrip())
     if results.get("groups"):
         lines += ["", make_table(results, "groups").rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def _routing_note(info: dict) -> str:
+    if info.get("task_map"):
+        return ", tasks " + ", ".join(f"{lm} -> {name}" for lm, name in info["task_map"].items())
+    if info.get("task_name") is not None:
+        return f", task {info['task_name']}"
+    return f", task id {info['task_id']}" if info.get("task_id") is not None else ""
 
 
 def _results_files(output_path: str) -> dict[str, float]:
@@ -205,7 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(see `lm_eval run --help`); --output_path is required.",
     )
     parser.add_argument("--adapter", required=True, help="tensorft adapter directory (adapter_config.json)")
-    parser.add_argument("--task-id", type=int, default=None, help="task id for task-routed adapter kinds")
+    parser.add_argument("--task-name", default=None, metavar="NAME",
+                        help="task-routed kinds: route every request as this task (a name from the adapter's tasks)")
+    parser.add_argument("--task-map", default=None, metavar="LMEVAL_TASK=NAME,...",
+                        help="route each lm-eval task's requests as its own adapter task (--task-name: the rest)")
+    parser.add_argument("--task-id", type=int, default=None, help="task id (older form of --task-name)")
     parser.add_argument("--base", default=None, help="base model directory, if not where the adapter says")
     return parser
 
@@ -237,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     output_path = _option_value(rest, ("--output_path", "-o"))
     model_args = {"pretrained": os.path.abspath(ns.adapter)}
-    if ns.task_id is not None:
-        model_args["task_id"] = ns.task_id
+    for key in ("task_id", "task_name", "task_map"):
+        if getattr(ns, key) is not None:
+            model_args[key] = getattr(ns, key)
     if ns.base:
         model_args["base"] = os.path.abspath(ns.base)
     # JSON, not key=value: an adapter path may contain commas.
@@ -286,7 +372,8 @@ def _check(ns, rest: list[str]) -> str | None:
     if ns.base and not os.path.isdir(ns.base):
         return f"--base {ns.base}: not a directory"
     try:
-        read_adapter_config(ns.adapter)
+        adapter_cfg, _, _ = read_adapter_config(ns.adapter)
+        routing_ids(adapter_cfg, ns.task_id, ns.task_name, parse_task_map(ns.task_map))
     except TensorftError as e:
         return str(e)
     return None

@@ -19,6 +19,11 @@ What each run evaluated comes from the results JSON:
   the adapter directory's run for its counts);
 * a ``pretrained=`` or ``adapter=`` that is a tensorft adapter directory is read like the first.
 
+``python -m bench.learning_quality`` (the learning-quality benchmark) writes its results in this
+same shape (``OUT/report/inputs/*/results_bench.json``: test accuracy at the lr chosen on dev as
+metric ``acc`` per task, the adapter under ``config.tensorft`` with the targets in its kind) and
+calls this tool on them, so its plot is this tool's plot.
+
 The metric of a task is ``--metric`` (with ``,FILTER``, default ``none`` or the first filter
 reported), else the first metric of the task's ``metric_list``. The mean is over every task
 column (groups only when nothing else is shown); a run missing one of them has no mean and no

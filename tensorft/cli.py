@@ -1,4 +1,5 @@
-"""The ``tensorft`` command: ``params``, ``merge``, ``export-peft``.
+"""The ``tensorft`` command: ``params``, ``merge``, ``export-peft`` (``--task NAME`` for
+task-routed kinds).
 
 Bad input ends with one line on stderr naming the problem, exit code 2, no traceback.
 """
@@ -18,43 +19,59 @@ class _Parser(argparse.ArgumentParser):
 def _params(args) -> int:
     from .config import load_config
     from .loading import build_meta_model
-    from .model import attach, count_parameters, root_of
+    from .model import adapter_parameters, attach, count_parameters, root_of
     from .params import format_table, parameter_table
+    from .train import resolve_tasks, start_fewshot
 
     cfg = load_config(args.config, args.set)
+    if cfg.data.tasks or cfg.adapter.init_from:  # without them a routed kind counts its own n_tasks
+        resolve_tasks(cfg)  # as training does: one routing row per task of data.tasks
     model = build_meta_model(cfg.model)
     base = sum(p.numel() for p in model.parameters())
     attach(model, cfg.adapter)
+    frozen = 0
+    if cfg.adapter.init_from:  # the new task's routing row; the mode's frozen parameters
+        start_fewshot(model, load_weights=False)
+        frozen = sum(p.numel() for p in adapter_parameters(model).values()) - count_parameters(model)
     rows, total = parameter_table(model)
     root = root_of(model)
     expected = root.kind.parameter_count(list(layer.site for layer in root.layers.values()))
     expected += sum(r[3] for r in rows if r[0].startswith("saved "))
-    if total != count_parameters(model) or total != expected:  # pragma: no cover - a bug, not input
+    if total - frozen != count_parameters(model) or total != expected:  # pragma: no cover - a bug, not input
         raise AssertionError(f"parameter count mismatch: table {total}, formula {expected}")
     print(f"{cfg.model.name_or_path}: adapter kind {cfg.adapter.kind}, rank {cfg.adapter.rank}")
-    print(format_table(rows, total, base))
+    print(format_table(rows, total - frozen, base))
+    if frozen:
+        print(f"few-shot {cfg.adapter.fewshot}: {frozen:,} of the parameters above are saved but frozen")
     return 0
+
+
+def _task_note(task) -> str:
+    return f" (task {task})" if task is not None else ""
 
 
 def _merge(args) -> int:
     from .export import merge_to_dir
 
-    merge_to_dir(args.adapter_dir, args.out_dir)
-    print(f"merged model written to {os.path.abspath(args.out_dir)}")
+    merge_to_dir(args.adapter_dir, args.out_dir, args.task)
+    print(f"merged model{_task_note(args.task)} written to {os.path.abspath(args.out_dir)}")
     return 0
 
 
 def _export_peft(args) -> int:
-    from .export import export_peft
-    from .saving import from_pretrained, read_adapter_config
-    from .registry import adapter_kind
+    from .export import export_dir
 
-    adapter, _, _ = read_adapter_config(args.adapter_dir)
-    adapter_kind(adapter.kind).ensure_exportable()  # before any weight is read
-    model = from_pretrained(args.adapter_dir)
-    export_peft(model, args.out_dir)
-    print(f"PEFT LoRA adapter written to {os.path.abspath(args.out_dir)}")
+    export_dir(args.adapter_dir, args.out_dir, args.task)
+    print(f"PEFT LoRA adapter{_task_note(args.task)} written to {os.path.abspath(args.out_dir)}")
     return 0
+
+
+def _add_task_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--task", default=None, metavar="NAME",
+        help="task-routed kinds: the task whose LoRA to write (a name from the adapter's tasks; "
+        "an id only if the adapter has no names)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge an adapter into its base and write a dense HF model")
     p.add_argument("adapter_dir")
     p.add_argument("out_dir")
+    _add_task_option(p)
     p.set_defaults(func=_merge)
 
     p = sub.add_parser("export-peft", help="write an adapter as a standard PEFT LoRA adapter")
     p.add_argument("adapter_dir")
     p.add_argument("out_dir")
+    _add_task_option(p)
     p.set_defaults(func=_export_peft)
     return parser
 

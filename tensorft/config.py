@@ -46,6 +46,18 @@ class AdapterConfig:
     # Whole modules trained and saved next to the adapter (a classification head, say).
     modules_to_save: list[str] = field(default_factory=list)
     seed: int = 0
+    # Learning-rate multiplier for every adapter parameter; null: the kind's own defaults
+    # (tensorft/optim.py), which make the LoRA learning rate of a config work for every kind.
+    lr_scale: float | None = None
+    # Task names in task-id order (multi-task training fills it; saved with the adapter so
+    # users name tasks, never integers).
+    tasks: list[str] = field(default_factory=list)
+    # Few-shot adaptation of a trained task-routed adapter (this directory) to the config's one
+    # new task: its kind, rank, targets and tasks come from there, plus a routing row for the
+    # new task. fewshot (null: full) says what trains: full (everything), routing (only the
+    # routing logits, -z) or modules (the experts, routing frozen at the mean of the old rows, -mu).
+    init_from: str | None = None
+    fewshot: Literal["full", "routing", "modules"] | None = None
     options: Any = None  # the kind's options dataclass instance, filled by ``parse_adapter``
 
     def to_dict(self) -> dict:
@@ -54,18 +66,67 @@ class AdapterConfig:
             out.update(dataclasses.asdict(self.options))
         return out
 
+    @property
+    def routed(self) -> bool:
+        """A task-routed kind: its update depends on the row's task id."""
+        return hasattr(self.options, "n_tasks")
+
+    def task_id(self, task: str | int | None) -> int | None:
+        """The id of ``task`` for a task-routed kind (None for a static kind given no task).
+
+        Tasks are named by ``tasks``; an integer id (or its digits) is accepted only when the
+        adapter has no names (a routed adapter trained through the Python API)."""
+        if not self.routed:
+            if task is not None:
+                raise ConfigError(f"kind {self.kind} is not task-routed; drop the task ({task})")
+            return None
+        if task is None:
+            raise ConfigError(f"adapter kind {self.kind!r} is task-routed: name a task ({self.known_tasks()})")
+        if self.tasks:
+            if task not in self.tasks:
+                raise ConfigError(f"unknown task {task!r} ({self.known_tasks()})")
+            return self.tasks.index(task)
+        if str(task).isdigit() and int(task) < self.options.n_tasks:
+            return int(task)
+        raise ConfigError(f"unknown task {task!r} ({self.known_tasks()})")
+
+    def known_tasks(self) -> str:
+        if self.tasks:
+            return "tasks: " + ", ".join(self.tasks)
+        return f"this adapter has no task names; its task ids are 0..{self.options.n_tasks - 1}"
+
+
+DataFormat = Literal["alpaca", "messages", "prompt-completion", "text", "preference", "multiple-choice"]
+
+
+@dataclass
+class TaskDataConfig:
+    """One task of a multi-task config (``data.tasks.<name>``)."""
+
+    train: str = ""
+    eval: str | None = None
+    format: DataFormat | None = None  # null: data.format
+    columns: dict[str, str] | None = None  # null: data.columns
+
 
 @dataclass
 class DataConfig:
     # A local .json / .jsonl / .csv / .parquet file, or a hub dataset id ("name" or "name:split").
     train: str = ""
     eval: str | None = None
-    format: Literal["alpaca", "messages", "prompt-completion", "text", "preference"] = "alpaca"
+    format: DataFormat = "alpaca"
     max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    max_eval_samples: int | None = None  # multi-task: per task
     # Where the format's fields come from when the data names them otherwise, e.g. the orca
     # DPO pairs' question column: {prompt: input}. Keys are the format's fields.
     columns: dict[str, str] = field(default_factory=dict)
+    # Multi-task (instead of ``train``): task name -> its data; the order gives the task ids.
+    tasks: dict[str, TaskDataConfig] = field(default_factory=dict)
+    # How the training set draws from the tasks: proportional (every row once), equal (the
+    # same number of rows per task), temperature (p_i ~ n_i^(1/T)); sampled with the seed.
+    mixing: Literal["proportional", "equal", "temperature"] = "proportional"
+    mixing_temperature: float = 2.0
+    max_per_task: int | None = None  # the first N rows of each task, applied before mixing
 
 
 @dataclass
@@ -152,6 +213,8 @@ def _coerce(value, tp, key: str):
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if len(args) == 2 and dataclasses.is_dataclass(args[1]):  # named sections, e.g. data.tasks
+            return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -220,6 +283,10 @@ def parse_adapter(data: dict | None, prefix: str = "adapter") -> AdapterConfig:
         raise ConfigError(f"{prefix}.rank: must be at least 1, got {cfg.rank}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"{prefix}.dropout: must be in [0, 1), got {cfg.dropout}")
+    if not cfg.alpha > 0:  # the scale is alpha / rank: zero or negative silently breaks training
+        raise ConfigError(f"{prefix}.alpha: must be positive, got {cfg.alpha}")
+    if cfg.lr_scale is not None and not cfg.lr_scale > 0:
+        raise ConfigError(f"{prefix}.lr_scale: must be positive (or null for the kind's defaults), got {cfg.lr_scale}")
     if not cfg.targets:
         raise ConfigError(f"{prefix}.targets: empty list; name at least one module, e.g. [q_proj, v_proj]")
     kind.check_options(cfg, prefix)
@@ -285,6 +352,7 @@ def parse_config(data: dict) -> Config:
         distributed=from_dict(DistributedConfig, data.get("distributed"), "distributed"),
     )
     _check_values(cfg)
+    _check_task_names(cfg, data.get("adapter") or {})
     return cfg
 
 
@@ -301,20 +369,71 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("train.max_steps / train.epochs: nothing to train (set max_steps > 0 or epochs > 0)")
     if cfg.distributed.zero_stage not in (2, 3):
         raise ConfigError(f"distributed.zero_stage: must be 2 or 3, got {cfg.distributed.zero_stage}")
+    _check_data(cfg)
+
+
+def _check_data(cfg: Config) -> None:
+    d = cfg.data
+    if not d.tasks:
+        _check_format(cfg, d.format, d.columns, "data")
+        return
+    _check_tasks(cfg)
+    for name, task in d.tasks.items():
+        _check_format(cfg, task.format, task.columns, f"data.tasks.{name}")
+
+
+def _check_format(cfg: Config, fmt: str, columns: dict, key: str) -> None:
+    """The format suits the objective and ``columns`` names its fields (``key``: where they are)."""
     from .data import FIELDS
 
-    for name, column in cfg.data.columns.items():
-        if name not in FIELDS[cfg.data.format]:
-            raise ConfigError(
-                f"data.columns.{name}: not a field of data.format {cfg.data.format} "
-                f"(fields: {', '.join(FIELDS[cfg.data.format])})"
-            )
+    fmt_key = f"{key}.format"
+    for name, column in columns.items():
+        if name not in FIELDS[fmt]:
+            fields = ", ".join(FIELDS[fmt])
+            raise ConfigError(f"{key}.columns.{name}: not a field of {fmt_key} {fmt} (fields: {fields})")
         if not isinstance(column, str) or not column:
-            raise ConfigError(f"data.columns.{name}: expected a column name, got {column!r}")
-    if t.objective == "dpo" and cfg.data.format != "preference":
-        raise ConfigError(f"data.format: dpo needs preference data (prompt, chosen, rejected), got {cfg.data.format!r}")
-    if t.objective == "sft" and cfg.data.format == "preference":
-        raise ConfigError("data.format: preference data is for train.objective: dpo")
+            raise ConfigError(f"{key}.columns.{name}: expected a column name, got {column!r}")
+    if cfg.train.objective == "dpo" and fmt != "preference":
+        raise ConfigError(f"{fmt_key}: dpo needs preference data (prompt, chosen, rejected), got {fmt!r}")
+    if cfg.train.objective == "sft" and fmt == "preference":
+        raise ConfigError(f"{fmt_key}: preference data is for train.objective: dpo")
+
+
+def _check_tasks(cfg: Config) -> None:
+    """A multi-task config; fills each task's format and columns from data.format / data.columns."""
+    d = cfg.data
+    for key, value in (("train", d.train), ("eval", d.eval), ("max_train_samples", d.max_train_samples)):
+        if value:
+            hint = "data.max_per_task caps each task" if key == "max_train_samples" else f"give each task its own {key}"
+            raise ConfigError(f"data.{key}: not with data.tasks ({hint})")
+    if d.mixing_temperature <= 0:
+        raise ConfigError(f"data.mixing_temperature: must be positive, got {d.mixing_temperature}")
+    if d.max_per_task is not None and d.max_per_task < 1:
+        raise ConfigError(f"data.max_per_task: must be at least 1, got {d.max_per_task}")
+    if cfg.train.packing:
+        raise ConfigError("train.packing: not with data.tasks (a packed row would mix tasks); set train.packing: false")
+    for name, task in d.tasks.items():
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise ConfigError(f"data.tasks.{name}: a task name is letters, digits, '_', '-' or '.'")
+        if not task.train:
+            raise ConfigError(f"data.tasks.{name}.train: missing; name the task's training data")
+        task.format = task.format or d.format
+        task.columns = d.columns if task.columns is None else task.columns
+
+
+def _check_task_names(cfg: Config, adapter: dict) -> None:
+    """The adapter's task count and names come from data.tasks; refuse a user value that differs."""
+    names = list(cfg.data.tasks)
+    if not names:
+        return
+    given = adapter.get("n_tasks")
+    if given is not None and given != len(names):
+        raise ConfigError(
+            f"adapter.n_tasks: {given}, but data.tasks lists {len(names)} tasks "
+            "(leave it out: it is set from data.tasks)"
+        )
+    if adapter.get("tasks") and list(adapter["tasks"]) != names:
+        raise ConfigError(f"adapter.tasks: {adapter['tasks']} differs from the names of data.tasks {names}")
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:

@@ -12,9 +12,15 @@ prompt-completion  prompt, completion (strings or         the same
 text               text                                   text (loss on every token)
 preference         prompt, chosen, rejected (strings or   the same (DPO)
                    message lists)
+multiple-choice    prompt, options (list of strings),     prompt, completion = the gold option
+                   gold (index into options)              (appended as written: mind the space)
 =================  =====================================  ==================================
 
 ``data.columns`` maps a field to a differently named column (``{prompt: input}``).
+
+Multi-task (``data.tasks``): each task is read in its own format, capped, then mixed into one
+training set by :func:`mix_counts` / :func:`mix_rows`; every row carries ``task_ids``, the
+task's index in the config.
 """
 
 from __future__ import annotations
@@ -109,12 +115,22 @@ def preference(row: dict) -> dict:
     return out
 
 
+def multiple_choice(row: dict) -> dict:
+    options, gold = row.get("options"), row.get("gold")
+    if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
+        raise RowError("field 'options' must be a list of at least two non-empty strings")
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(options):
+        raise RowError(f"field 'gold' must be an index into options (0..{len(options) - 1}), got {gold!r}")
+    return {"prompt": _text(row, "prompt"), "completion": options[gold]}
+
+
 CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "alpaca": alpaca,
     "messages": messages,
     "prompt-completion": prompt_completion,
     "text": text,
     "preference": preference,
+    "multiple-choice": multiple_choice,
 }
 FORMATS = tuple(CONVERTERS)
 # The fields each format reads (what data.columns may map).
@@ -124,6 +140,7 @@ FIELDS = {
     "prompt-completion": ("prompt", "completion"),
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
+    "multiple-choice": ("prompt", "options", "gold"),
 }
 
 
@@ -186,17 +203,18 @@ def read_rows(
         raise TensorftError(f"data.format: {fmt!r} is not one of {', '.join(FORMATS)}")
     convert = CONVERTERS[fmt]
     columns = columns or {}
+    section = key.rsplit(".", 1)[0]  # data, or data.tasks.NAME: where format and columns are set
     out = []
     for where, row in _source_rows(source, key):
         if not isinstance(row, dict):
             raise TensorftError(f"{where}: expected an object with fields, got {type(row).__name__}")
         for field, column in columns.items():
             if column not in row:
-                raise TensorftError(f"{where}: no column {column!r} (data.columns.{field})")
+                raise TensorftError(f"{where}: no column {column!r} ({section}.columns.{field})")
         try:
             out.append(convert({**row, **{field: row[column] for field, column in columns.items()}}))
         except RowError as e:
-            raise TensorftError(f"{where}: {e} (data.format: {fmt})") from None
+            raise TensorftError(f"{where}: {e} ({section}.format: {fmt})") from None
         if limit is not None and len(out) >= limit:
             break
     if not out:
@@ -236,11 +254,115 @@ def load_dataset(
     derived data (tokenized rows, DPO's precomputed reference log-probs) is then cached beside
     it, where every rank finds what the main process wrote; an in-memory dataset would cache
     into a private temporary directory per process."""
+    return rows_to_dataset(read_rows(source, fmt, key, limit, columns))
+
+
+def rows_to_dataset(rows: list[dict]):
     import datasets
 
-    rows = read_rows(source, fmt, key, limit, columns)
     return datasets.Dataset.from_generator(_yield_rows, gen_kwargs={"rows": rows})
 
 
 def _yield_rows(rows: list[dict]) -> Iterator[dict]:
     yield from rows
+
+
+# --------------------------------------------------------------------------- multi-task
+
+
+def mix_counts(sizes: dict[str, int], mixing: str, temperature: float = 2.0) -> dict[str, int]:
+    """Rows each task contributes to the mixed training set (same total as the tasks' rows).
+
+    proportional: every row once; equal: the same share per task; temperature: shares
+    ``p_i ~ n_i^(1/T)`` (T = 1 proportional, T -> inf equal). Shares are rounded by largest
+    remainder so the counts add up to the total exactly."""
+    if mixing == "proportional":
+        return dict(sizes)
+    if mixing == "equal":
+        weights = {name: 1.0 for name in sizes}
+    elif mixing == "temperature":
+        weights = {name: n ** (1.0 / temperature) for name, n in sizes.items()}
+    else:
+        raise TensorftError(f"data.mixing: {mixing!r} is not one of proportional, equal, temperature")
+    total, norm = sum(sizes.values()), sum(weights.values())
+    exact = {name: total * w / norm for name, w in weights.items()}
+    counts = {name: int(x) for name, x in exact.items()}
+    by_remainder = sorted(exact, key=lambda name: exact[name] - counts[name], reverse=True)
+    for name in by_remainder[: total - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+def sample_indices(size: int, count: int, rng) -> list[int]:
+    """``count`` row indices of a task with ``size`` rows: whole shuffled passes while the task
+    is smaller than its share (so every row repeats floor or ceil times), then a random subset."""
+    passes, rest = divmod(count, size)
+    out = [int(i) for _ in range(passes) for i in rng.permutation(size)]
+    return out + [int(i) for i in rng.permutation(size)[:rest]]
+
+
+def mix_rows(task_rows: dict[str, list[dict]], mixing: str, temperature: float, seed: int) -> list[dict]:
+    """The mixed, shuffled training rows, each with its task's ``task_ids`` (config order)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    counts = mix_counts({name: len(rows) for name, rows in task_rows.items()}, mixing, temperature)
+    mixed = [
+        {**rows[i], "task_ids": task_id}
+        for task_id, (name, rows) in enumerate(task_rows.items())
+        for i in sample_indices(len(rows), counts[name], rng)
+    ]
+    return [mixed[i] for i in rng.permutation(len(mixed))]
+
+
+def load_tasks(d, seed: int):
+    """``data.tasks`` (``d``: the DataConfig): the mixed training set, the per-task evaluation
+    sets (or None) and what went into the mix per task."""
+    train = {
+        name: read_rows(t.train, t.format, f"data.tasks.{name}.train", d.max_per_task, t.columns)
+        for name, t in d.tasks.items()
+    }
+    check_same_shape(train)
+    mixed = mix_rows(train, d.mixing, d.mixing_temperature, seed)
+    evaluation = {
+        name: rows_to_dataset(
+            with_task_id(read_rows(t.eval, t.format, f"data.tasks.{name}.eval", d.max_eval_samples, t.columns), i)
+        )
+        for i, (name, t) in enumerate(d.tasks.items())
+        if t.eval
+    }
+    mixed_counts = [0] * len(train)
+    for row in mixed:
+        mixed_counts[row["task_ids"]] += 1
+    info = {
+        "mixing": d.mixing,
+        "tasks": {
+            name: {"id": i, "rows": len(rows), "mixed": mixed_counts[i]} for i, (name, rows) in enumerate(train.items())
+        },
+    }
+    return rows_to_dataset(mixed), evaluation or None, info
+
+
+def with_task_id(rows: list[dict], task_id: int) -> list[dict]:
+    return [{**row, "task_ids": task_id} for row in rows]
+
+
+def row_shape(row: dict) -> tuple:
+    """What the trainer sees of a converted row: its columns and whether each is a message list."""
+    return tuple(sorted((key, isinstance(value, list)) for key, value in row.items()))
+
+
+def check_same_shape(task_rows: dict[str, list[dict]]) -> None:
+    """Tasks are trained as one data set: every task must give the trainer the same columns."""
+    shapes = {name: row_shape(rows[0]) for name, rows in task_rows.items()}
+    first = next(iter(shapes))
+    for name, shape in shapes.items():
+        if shape != shapes[first]:
+            raise TensorftError(
+                f"data.tasks.{name}: its rows give the trainer {_describe(shape)}, but data.tasks.{first}'s give "
+                f"{_describe(shapes[first])}; every task must give the same (all text, all strings or all messages)"
+            )
+
+
+def _describe(shape: tuple) -> str:
+    return ", ".join(f"{key} ({'messages' if is_list else 'string'})" for key, is_list in shape)

@@ -2,7 +2,9 @@
 
 Every mergeable kind gives each adapted layer an exact LoRA pair (``SiteAdapter.lora_factors``:
 ``dW = s B A`` with rank r), so the PEFT export is lossless: PEFT computes
-``lora_B(lora_A(x)) * lora_alpha / r`` and we write ``lora_alpha = s * r``.
+``lora_B(lora_A(x)) * lora_alpha / r`` and we write ``lora_alpha = s * r``. So does every
+task-routed kind for one fixed task (``task_lora_factors``, evaluation routing): merge and
+export take that task's name (``task=``, ``--task``) and are exact for it.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import torch
 import torch.nn as nn
 
 from .errors import TensorftError
-from .model import adapter_parameters, merge_and_unload, root_of, unwrap
+from .model import adapter_parameters, fixed_task, merge_and_unload, root_of, unwrap
 from .registry import adapter_kind
-from .saving import describe_base, new_output_dir, save_safetensors
+from .saving import describe_base, from_pretrained, new_output_dir, read_adapter_config, save_safetensors
 
 PEFT_PREFIX = "base_model.model."
 
@@ -25,39 +27,40 @@ def _own_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.float32).clone().contiguous()
 
 
-def peft_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], float]:
-    """PEFT-named tensors and the one ``lora_alpha`` they need."""
+def peft_tensors(model: nn.Module, task_id: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """PEFT-named tensors and the one ``lora_alpha`` they need (``task_id``: a task-routed
+    kind's task, whose update is a rank-r LoRA)."""
     root = root_of(model)
     rank = root.config.rank
-    tensors, scales = {}, set()
-    for name, layer in root.layers.items():
-        A, B, scale = layer.adapter.lora_factors()
+    factors = {name: layer.update_factors(task_id) for name, layer in root.layers.items()}
+    tensors, scales = {}, {float(scale) for _, _, scale in factors.values()}
+    # PEFT has one lora_alpha per adapter (rank_pattern aside): with several scales, fold them into B.
+    fold = len(scales) > 1
+    for name, (A, B, scale) in factors.items():
         if A.shape[0] != rank:
             raise TensorftError(f"{name}: update has rank {A.shape[0]}, expected {rank}")
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = _own_copy(A)
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = _own_copy(B)
-        scales.add(float(scale))
-    if len(scales) > 1:
-        # PEFT has one lora_alpha per adapter (rank_pattern aside): fold the scale into B.
-        for name, layer in root.layers.items():
-            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] *= float(layer.adapter.lora_factors()[2])
-        scales = {1.0}
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = _own_copy(B * float(scale) if fold else B)
     saved = adapter_parameters(model)
     for module_name in root.config.modules_to_save:
         for pname, p in saved.items():
             if pname.startswith(module_name + "."):
                 tensors[PEFT_PREFIX + pname] = _own_copy(p)
-    return tensors, scales.pop() * rank
+    return tensors, (1.0 if fold else scales.pop()) * rank
 
 
-def export_peft(model: nn.Module, out_dir: str) -> str:
-    """Write ``out_dir`` as a PEFT LoRA adapter (``PeftModel.from_pretrained`` loads it)."""
+def export_peft(model: nn.Module, out_dir: str, task: str | int | None = None) -> str:
+    """Write ``out_dir`` as a PEFT LoRA adapter (``PeftModel.from_pretrained`` loads it).
+
+    ``task``: for a task-routed kind, the task (a name from the adapter's ``tasks``) whose
+    rank-r LoRA is exported, exactly; static kinds take none."""
     from peft import LoraConfig
 
     model = unwrap(model)
     root = root_of(model)
-    root.kind.ensure_exportable()
-    tensors, lora_alpha = peft_tensors(model)
+    task_id = fixed_task(root.config, root.kind, task, "export")
+    with torch.no_grad():
+        tensors, lora_alpha = peft_tensors(model, task_id)
     base_name, model_section = describe_base(model)
     peft_config = LoraConfig(
         r=root.config.rank,
@@ -76,16 +79,28 @@ def export_peft(model: nn.Module, out_dir: str) -> str:
     return out_dir
 
 
-def merge_to_dir(adapter_dir: str, out_dir: str, **model_kwargs) -> str:
-    """Load base + adapter in full precision, merge, and save a dense HF model directory."""
-    from .saving import from_pretrained, read_adapter_config
+def check_fixed_task(adapter_dir: str, task: str | int | None, purpose: str) -> None:
+    """:func:`fixed_task` from ``adapter_config.json`` alone: bad input is reported before any
+    weight is read."""
+    adapter, _, _ = read_adapter_config(adapter_dir)
+    fixed_task(adapter, adapter_kind(adapter.kind), task, purpose)
 
-    adapter, model_cfg, _ = read_adapter_config(adapter_dir)
-    adapter_kind(adapter.kind).ensure_mergeable()  # before any weight is read
+
+def export_dir(adapter_dir: str, out_dir: str, task: str | int | None = None) -> str:
+    """``tensorft export-peft``: load the adapter, export it (``task`` as in :func:`export_peft`)."""
+    check_fixed_task(adapter_dir, task, "export")
+    return export_peft(from_pretrained(adapter_dir), out_dir, task)
+
+
+def merge_to_dir(adapter_dir: str, out_dir: str, task: str | int | None = None, **model_kwargs) -> str:
+    """Load base + adapter in full precision, merge (``task``: a task-routed kind's task), and
+    save a dense HF model directory."""
+    check_fixed_task(adapter_dir, task, "merge")
+    _, model_cfg, _ = read_adapter_config(adapter_dir)
     model_kwargs.setdefault("quantization", "none")  # merge into full-precision weights
     with new_output_dir(out_dir) as tmp:
         model = from_pretrained(adapter_dir, **model_kwargs)
-        model = merge_and_unload(model)
+        model = merge_and_unload(model, task)
         model.save_pretrained(tmp)
         _copy_tokenizer(model_cfg.name_or_path, tmp)
     return out_dir

@@ -1,27 +1,47 @@
-"""Model glue: wrap target layers, hold the shared factors, switch adapters off, merge.
+"""Model glue: wrap target layers, hold the shared factors, route, switch adapters off, merge.
 
 ``attach`` replaces each target linear layer by an :class:`AdaptedLinear` (base layer + the
 kind's :class:`SiteAdapter`) and registers one :class:`TensorftRoot` at ``model.tensorft``
 holding the config, the shared factors of kinds that have them, and the runtime
-:class:`AdapterState` that every adapted layer reads (on/off switch, task ids, routing inputs).
+:class:`AdapterState` that every adapted layer reads (on/off switch, routing inputs).
 The model object stays a Hugging Face model, so transformers and trl trainers take it as is.
+
+Routing runtime. Routing inputs are per-row tensors of one forward call, kept in a
+:class:`Routing` frame on the state's stack, never found by walking modules:
+
+* a forward pre-hook on the model takes ``task_ids=``, ``routing={...}`` and the kind's named
+  ``routing_inputs`` off the call, runs the kind's ``prepare_routing`` step, and pushes the
+  call frame; a forward hook pops it (contexts and nested calls nest like a stack);
+* activation checkpointing re-runs a decoder layer's ``forward`` during backward, after the
+  call frame is gone, and module hooks do not run again (transformers checkpoints ``forward``,
+  not ``__call__``). So each checkpointed block (a ``GradientCheckpointingLayer`` holding
+  adapted layers) gets a pre-hook that hands it the current frame as a keyword argument,
+  which the checkpoint keeps with the block's other arguments, and is given a subclass (as
+  FSDP2 does with its ``FSDP<Layer>`` classes) whose ``forward`` takes that argument off and
+  pushes the frame around the original ``forward``: the recompute sees the frame of the
+  forward it repeats, for reentrant and non-reentrant checkpointing alike;
+* ``generate`` validates its keyword arguments against the model's signature; the model is
+  given a subclass whose validation lets the routing inputs through, so transformers expands
+  them for ``num_return_sequences`` / beams like its own tensors and passes them to every step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator
 
 import torch
 import torch.nn as nn
 
-from .adapters.base import AdapterKind, AdapterState, SiteAdapter
+from .adapters.base import AdapterKind, AdapterState, Routing, SiteAdapter
 from .config import AdapterConfig, parse_adapter
 from .errors import ConfigError, TensorftError
 from .registry import adapter_kind
 from .topology import ModelShape, Site, find_sites, matches
 
 ROOT_NAME = "tensorft"
+FRAME_KWARG = "tensorft_routing"  # how a checkpointed block receives its call's frame
 
 
 def keep_4bit_weight_trainable(base_layer: nn.Module) -> None:
@@ -54,6 +74,7 @@ class AdaptedLinear(nn.Module):
         self.adapter = adapter
         self.site = site
         self.merged = False
+        self.merged_task: int | None = None
         object.__setattr__(self, "_state", state)  # shared runtime switches, not a submodule
 
     # Code that reads a projection's weight (dtype checks, tying) sees the base layer's.
@@ -90,21 +111,30 @@ class AdaptedLinear(nn.Module):
                 "which reloads the base in full precision"
             )
 
-    def _add_to_weight(self, sign: float) -> None:
+    def update_factors(self, task_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, s)`` with ``dW = s B A``: the layer's update, or for a task-routed kind the
+        update of task ``task_id`` (its evaluation routing)."""
+        if task_id is None:
+            return self.adapter.lora_factors()
+        return self.adapter.task_lora_factors(task_id)
+
+    def _add_to_weight(self, sign: float, task_id: int | None) -> None:
         self.check_mergeable()
         with torch.no_grad():
             w = self.base_layer.weight
-            dw = self.adapter.delta_weight().to(device=w.device, dtype=torch.float32)
+            A, B, scale = self.update_factors(task_id)
+            dw = (scale * (B.float() @ A.float())).to(device=w.device)
             w.copy_((w.float() + sign * dw).to(w.dtype))
 
-    def merge(self) -> None:
+    def merge(self, task_id: int | None = None) -> None:
         if not self.merged:
-            self._add_to_weight(+1.0)
+            self._add_to_weight(+1.0, task_id)
             self.merged = True
+            self.merged_task = task_id  # unmerge subtracts the same task's update
 
     def unmerge(self) -> None:
         if self.merged:
-            self._add_to_weight(-1.0)
+            self._add_to_weight(-1.0, self.merged_task)
             self.merged = False
 
 
@@ -119,6 +149,7 @@ class TensorftRoot(nn.Module):
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "layers", {})  # module name -> AdaptedLinear
         object.__setattr__(self, "hook_handles", [])
+        object.__setattr__(self, "subclassed", [])  # (module, its class before attach)
 
     def forward(self, *args, **kwargs):  # pragma: no cover - a container, never called
         raise RuntimeError("model.tensorft is a container")
@@ -197,13 +228,18 @@ def attach(model: nn.Module, adapter_config) -> nn.Module:
         _set_submodule(model, site.name, layer)
         root.layers[site.name] = layer
     model.add_module(ROOT_NAME, root)
-    for p in adapter_parameters(model).values():
-        p.requires_grad_(True)
-    # ``model(..., task_ids=...)``: routed kinds read task ids from the shared state; the hook
-    # takes the argument off before the Hugging Face forward sees it.
-    root.hook_handles.append(model.register_forward_pre_hook(_take_task_ids, with_kwargs=True))
-    root.hook_handles.append(model.register_forward_hook(_clear_task_ids, always_call=True))
+    refresh_trainable(model)
+    _install_routing(model, root)
     return model
+
+
+def refresh_trainable(model: nn.Module) -> None:
+    """``requires_grad`` of every saved adapter parameter from the kind's frozen set (after
+    attach, and after a kind replaced parameters, e.g. a few-shot routing row)."""
+    saved = adapter_parameters(model)
+    frozen = root_of(model).kind.frozen_parameters(unwrap(model), saved)
+    for name, p in saved.items():
+        p.requires_grad_(name not in frozen)
 
 
 def _check_modules_to_save(model, cfg: AdapterConfig, sites: list[Site]) -> None:
@@ -215,21 +251,130 @@ def _check_modules_to_save(model, cfg: AdapterConfig, sites: list[Site]) -> None
             raise ConfigError(f"adapter.modules_to_save: {name!r} contains adapted layers")
 
 
-def _take_task_ids(module, args, kwargs):
-    if "task_ids" in kwargs:
-        kwargs = dict(kwargs)
-        state = module.tensorft.state
-        state.task_ids = kwargs.pop("task_ids")
-        state.task_ids_from_forward = True
-        return args, kwargs
-    return None
+# --------------------------------------------------------------------------- routing runtime
 
 
-def _clear_task_ids(module, args, output):
-    state = module.tensorft.state
-    if state.task_ids_from_forward:
-        state.task_ids, state.task_ids_from_forward = None, False
-    return None
+def _install_routing(model: nn.Module, root: TensorftRoot) -> None:
+    root.hook_handles.append(model.register_forward_pre_hook(_begin_call, with_kwargs=True))
+    root.hook_handles.append(model.register_forward_hook(_end_call, always_call=True))
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [
+        module for name, module in model.named_modules()
+        if isinstance(module, GradientCheckpointingLayer) and any(s.startswith(name + ".") for s in root.layers)
+    ]
+    for block in blocks:
+        root.hook_handles.append(block.register_forward_pre_hook(_hand_frame_to_block, with_kwargs=True))
+        block._tensorft_state = root.state
+        _subclass(root, block, _replaying_block_class)
+    if hasattr(model, "_validate_model_kwargs"):  # a generation model
+        _subclass(root, model, _routing_generation_class)
+
+
+def _subclass(root: TensorftRoot, module: nn.Module, make) -> None:
+    root.subclassed.append((module, type(module)))
+    module.__class__ = make(type(module))
+
+
+_SUBCLASSES: dict[tuple, type] = {}  # one subclass per (maker, class): classes, not state
+
+
+def _cached_subclass(make):
+    def cached(cls: type) -> type:
+        key = (make.__name__, cls)
+        if key not in _SUBCLASSES:
+            sub = make(cls)
+            sub.__name__, sub.__qualname__ = cls.__name__, cls.__qualname__  # HF reads class names
+            _SUBCLASSES[key] = sub
+        return _SUBCLASSES[key]
+
+    return cached
+
+
+@_cached_subclass
+def _replaying_block_class(cls: type) -> type:
+    class Replaying(cls):
+        # transformers wraps this ``forward`` in the checkpoint, so it runs again at recompute,
+        # with the frame ``_hand_frame_to_block`` put in its kwargs the first time.
+        def forward(self, *args, **kwargs):
+            frame = kwargs.pop(FRAME_KWARG, None)
+            if frame is None:
+                return super().forward(*args, **kwargs)
+            with self._tensorft_state.pushed(frame, call=True):
+                return super().forward(*args, **kwargs)
+
+    return Replaying
+
+
+@_cached_subclass
+def _routing_generation_class(cls: type) -> type:
+    class Routed(cls):
+        def _validate_model_kwargs(self, model_kwargs):
+            names = _routing_kwarg_names(root_of(self))
+            super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in names})
+
+    return Routed
+
+
+def _routing_kwarg_names(root: TensorftRoot) -> tuple[str, ...]:
+    return ("task_ids", "routing", *root.kind.routing_inputs)
+
+
+def _hand_frame_to_block(block, args, kwargs):
+    return args, {**kwargs, FRAME_KWARG: block._tensorft_state.frame}
+
+
+def _begin_call(model, args, kwargs):
+    root = model.tensorft
+    state = root.state
+    kwargs = dict(kwargs)
+    given = dict(kwargs.pop("routing", None) or {})
+    for name in _routing_kwarg_names(root):
+        if name in kwargs:
+            given[name] = kwargs.pop(name)
+    context = state.frame
+    frame = Routing({**context.inputs, **{k: v for k, v in given.items() if v is not None}}, context.enabled)
+    try:
+        inputs = _named_arguments(model, args, kwargs)
+        if frame.enabled and not state.preparing:  # the step's own base passes do not re-enter it
+            state.preparing = True
+            try:
+                frame = root.kind.prepare_routing(model, frame, inputs)
+            finally:
+                state.preparing = False
+        _check_rows(frame, inputs)
+    except BaseException:
+        state.begin_call(frame)  # the forward hook runs even now (always_call) and ends it
+        raise
+    state.begin_call(frame)
+    return args, kwargs
+
+
+def _end_call(model, args, output):
+    model.tensorft.state.end_call()
+
+
+def _named_arguments(model: nn.Module, args, kwargs) -> dict:
+    """The forward's arguments by name (positional ``input_ids`` too), ``**kwargs`` flattened."""
+    signature = inspect.signature(model.forward)
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    extra = next((n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+    return {**{k: v for k, v in bound.items() if k != extra}, **bound.get(extra, {})}
+
+
+def _check_rows(frame: Routing, inputs: dict) -> None:
+    rows = inputs.get("input_ids")
+    rows = rows if rows is not None else inputs.get("inputs_embeds")
+    if rows is None:
+        return
+    batch = rows.shape[0]
+    for name, value in frame.inputs.items():
+        # one row (or a scalar) stands for every row; otherwise one per row
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] not in (1, batch):
+            raise TensorftError(
+                f"routing input {name} has {value.shape[0]} rows but the batch has {batch}; routing inputs "
+                "are per row (generate expands them only when passed as named keyword arguments)"
+            )
 
 
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
@@ -237,7 +382,7 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every parameter tensorft trains or saves, by its name in the model."""
+    """Every parameter tensorft saves (trained or frozen), by its name in the model."""
     model = unwrap(model)
     root = root_of(model)
     keep = {id(p) for p in root.parameters()}
@@ -248,45 +393,79 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if id(p) in keep}
 
 
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The saved parameters less the kind's frozen ones (``AdapterKind.frozen_parameters``)."""
+    model = unwrap(model)
+    saved = adapter_parameters(model)
+    frozen = root_of(model).kind.frozen_parameters(model, saved)
+    return {n: p for n, p in saved.items() if n not in frozen}
+
+
 def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters that tensorft added or unfroze."""
-    return sum(p.numel() for p in adapter_parameters(model).values())
+    """Trainable parameters that tensorft added or unfroze (frozen saved ones not included)."""
+    return sum(p.numel() for p in trainable_parameters(model).values())
 
 
 @contextlib.contextmanager
-def _state_set(model: nn.Module, **values) -> Iterator[nn.Module]:
-    """Set fields of the model's AdapterState for the enclosed block, then restore them."""
+def _context(model: nn.Module, **changes) -> Iterator[nn.Module]:
+    """Push a context frame: the current one with ``changes`` (``enabled`` or routing inputs)."""
     state = root_of(model).state
-    previous = {key: getattr(state, key) for key in values}
-    for key, value in values.items():
-        setattr(state, key, value)
-    try:
+    current = state.frame
+    enabled = changes.pop("enabled", current.enabled)
+    with state.pushed(Routing({**current.inputs, **changes}, enabled), call=False):
         yield model
-    finally:
-        for key, value in previous.items():
-            setattr(state, key, value)
 
 
 def disable_adapters(model: nn.Module):
     """Run the base model: ``with tensorft.disable_adapters(model): ...`` (DPO's reference)."""
     if any(layer.merged for layer in root_of(model).layers.values()):
         raise TensorftError("adapters are merged into the base weights; unmerge before disabling them")
-    return _state_set(model, enabled=False)
+    return _context(model, enabled=False)
+
+
+def routing_context(model: nn.Module, **inputs):
+    """Routing inputs (per-row tensors, batch first) for every forward in the block, e.g.
+    ``with tensorft.routing_context(model, task_ids=ids, scores=s): ...``. Nested blocks and a
+    forward's own keyword arguments override them; leaving the block restores the outer ones."""
+    return _context(model, **inputs)
 
 
 def task_context(model: nn.Module, task_ids):
     """Set the task ids that task-routed kinds read during the enclosed forward passes."""
-    return _state_set(model, task_ids=task_ids)
+    return routing_context(model, task_ids=task_ids)
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Add every update into its base weight (forward then skips the adapter path)."""
+@contextlib.contextmanager
+def collect_aux_losses(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """``with tensorft.collect_aux_losses(model) as aux: loss = model(...).loss`` then
+    ``loss + sum(aux.values())``: the auxiliary losses of every forward in the block, by name."""
+    with root_of(model).state.collect_aux() as aux:
+        yield aux
+
+
+def fixed_task(config: AdapterConfig, kind, task: str | int | None, purpose: str) -> int | None:
+    """The task id whose fixed update merge / export use (None: the kind's only update).
+
+    A task-routed kind needs a task (a name from ``adapter_config.json``'s ``tasks``); a static
+    kind refuses one and must be mergeable (``purpose``: "merge" or "export"). ``kind``: the
+    kind's class or instance, so the CLI checks before loading any weight."""
+    task_id = config.task_id(task)
+    if task_id is None:
+        (kind.ensure_mergeable if purpose == "merge" else kind.ensure_exportable)()
+    return task_id
+
+
+def merge(model: nn.Module, task: str | int | None = None) -> nn.Module:
+    """Add every update into its base weight (forward then skips the adapter path).
+
+    ``task``: for a task-routed kind, the task whose rank-r LoRA is merged (exact: the model
+    then computes what the adapter computes with that task id)."""
     root = root_of(model)
-    root.kind.ensure_mergeable()
+    task_id = fixed_task(root.config, root.kind, task, "merge")
     for layer in root.layers.values():
         layer.check_mergeable()  # all or nothing: fail before any weight changed
     for layer in root.layers.values():
-        layer.merge()
+        layer.merge(task_id)
     return model
 
 
@@ -296,14 +475,18 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge, then put the plain base layers back and drop tensorft: a dense HF model."""
+def merge_and_unload(model: nn.Module, task: str | int | None = None) -> nn.Module:
+    """Merge (``task``: as in :func:`merge`), then put the plain base layers back and drop
+    tensorft: a dense HF model."""
     model = unwrap(model)
-    merge(model)
+    merge(model, task)
     root = root_of(model)
     for name, layer in root.layers.items():
         _set_submodule(model, name, layer.base_layer)
     for handle in root.hook_handles:
         handle.remove()
+    for module, cls in root.subclassed:
+        module.__class__ = cls
+        module.__dict__.pop("_tensorft_state", None)
     del model._modules[ROOT_NAME]
     return model

@@ -8,15 +8,24 @@ the list of target :class:`Site` s into parameters:
 * one :class:`SiteAdapter` per target layer, registered inside that layer's wrapper.
 
 ``SiteAdapter.forward(x, state)`` returns the scaled update ``dy = s * f(x)`` computed in factor
-space. ``state`` is the model's :class:`AdapterState`: routed kinds read task ids or routing
-inputs from it, static kinds ignore it.
+space. ``state`` is the model's :class:`AdapterState`: routed kinds read the current forward
+call's per-row routing inputs from it (``state.task_ids``, ``state.routing[name]``,
+``state.require(name, who)``; row i belongs to row i of ``x``) and may add auxiliary losses
+(``state.add_aux_loss``); static kinds ignore it.
+
+Routed kinds also use these :class:`AdapterKind` hooks: ``routing_inputs`` (forward kwargs
+they read), ``prepare_routing`` (a model-level step before each forward, e.g. a router pass
+through the base model), ``frozen_parameters`` (saved but not trained).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from types import MappingProxyType
+from typing import ClassVar, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -30,17 +39,158 @@ class NoOptions:
     """A kind without keys of its own."""
 
 
-@dataclass
-class AdapterState:
-    """Per-model runtime switches shared by every adapted layer (not parameters)."""
+class AuxLosses:
+    """Named scalar auxiliary losses (router cross-entropy, load balancing) of one forward call.
 
+    Adds after the call has returned are ignored: they come from activation-checkpoint
+    recompute during backward, and the call's losses were already taken into the loss."""
+
+    def __init__(self):
+        self.values: dict[str, torch.Tensor] = {}
+        self.closed = False
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        if self.closed:
+            return
+        self.values[name] = self.values[name] + value if name in self.values else value
+
+
+@dataclass(frozen=True, eq=False)
+class Routing:
+    """The routing inputs of one forward call (or of a ``tensorft.routing_context`` block).
+
+    ``inputs``: named per-row tensors, batch first (``task_ids`` (B,) long, ``scores`` (B, K),
+    ``expert_ids`` (B,), ... an open set); ``enabled``: the adapters-on switch; ``aux``: the
+    call's auxiliary losses. Immutable except ``aux``: derive a new frame with :meth:`replace`.
+    """
+
+    inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
     enabled: bool = True
-    # (batch,) long tensor of task ids for task-routed kinds; set via ``tensorft.task_context``
-    # or by passing ``task_ids=`` to the model's forward.
-    task_ids: torch.Tensor | None = None
-    task_ids_from_forward: bool = False  # set by ``model(..., task_ids=...)``, cleared after it
-    # Free-form per-batch routing inputs (e.g. sentence-embedding similarities for T-REX).
-    routing: dict[str, Any] = field(default_factory=dict)
+    aux: AuxLosses = field(default_factory=AuxLosses)
+
+    def __post_init__(self):
+        object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
+
+    @property
+    def task_ids(self) -> torch.Tensor | None:
+        return self.inputs.get("task_ids")
+
+    def replace(self, **inputs) -> "Routing":
+        """The same call (same aux losses and switch) with ``inputs`` added or replaced."""
+        return Routing({**self.inputs, **inputs}, self.enabled, self.aux)
+
+
+class AdapterState:
+    """Per-model runtime state read by every adapted layer: a stack of :class:`Routing` frames.
+
+    ``tensorft.task_context`` / ``routing_context`` / ``disable_adapters`` push *context* frames;
+    each model forward pushes a *call* frame (the context's inputs plus the call's own
+    ``task_ids=`` / routing kwargs, a fresh aux-loss collector), and so does each checkpointed
+    decoder layer when it runs, including when activation checkpointing re-runs it during
+    backward (model.py). Routed kinds read only call frames: a routed layer running outside
+    any call is a recompute tensorft cannot replay, reported instead of routed with stale ids.
+    """
+
+    def __init__(self):
+        self._stack: list[tuple[Routing, bool]] = [(Routing(), False)]  # (frame, is a call frame)
+        self._calls: list[int] = []  # stack depths of the model forwards in progress
+        self._aux_sinks: list[dict[str, torch.Tensor]] = []  # open collect_aux() blocks
+        self.preparing = False  # inside a kind's prepare_routing: nested forwards skip it
+        self._generation_memory: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    # ---- the stack
+
+    @property
+    def frame(self) -> Routing:
+        """The innermost frame, context or call."""
+        return self._stack[-1][0]
+
+    def enter(self, frame: Routing, call: bool) -> int:
+        self._stack.append((frame, call))
+        return len(self._stack) - 1
+
+    def exit(self, depth: int) -> Routing:
+        frame = self._stack[depth][0]
+        del self._stack[depth:]
+        return frame
+
+    @contextlib.contextmanager
+    def pushed(self, frame: Routing, call: bool) -> Iterator[Routing]:
+        depth = self.enter(frame, call)
+        try:
+            yield frame
+        finally:
+            self.exit(depth)
+
+    def begin_call(self, frame: Routing) -> None:
+        """A model forward starts (its pre-hook): ``frame`` is its call frame."""
+        self._calls.append(self.enter(frame, call=True))
+
+    def end_call(self) -> None:
+        """The forward returned (or raised): close its aux losses and hand them to collectors."""
+        frame = self.exit(self._calls.pop())
+        frame.aux.closed = True
+        for sink in self._aux_sinks:
+            for name, value in frame.aux.values.items():
+                sink[name] = sink[name] + value if name in sink else value
+
+    @contextlib.contextmanager
+    def collect_aux(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Sum, by name, the auxiliary losses of every forward call inside the block."""
+        sink: dict[str, torch.Tensor] = {}
+        self._aux_sinks.append(sink)
+        try:
+            yield sink
+        finally:
+            self._aux_sinks = [s for s in self._aux_sinks if s is not sink]  # by identity
+
+    @property
+    def enabled(self) -> bool:
+        return self.frame.enabled
+
+    # ---- what SiteAdapter.forward reads
+
+    def call_frame(self) -> Routing:
+        frame, call = self._stack[-1]
+        if not call:
+            raise TensorftError(
+                "a routed adapter ran outside a model forward: activation checkpointing re-ran a block "
+                "that tensorft cannot replay routing inputs into (its checkpointed blocks are not "
+                "transformers GradientCheckpointingLayers); disable gradient checkpointing for this model"
+            )
+        return frame
+
+    @property
+    def task_ids(self) -> torch.Tensor | None:
+        return self.call_frame().task_ids
+
+    @property
+    def routing(self) -> Mapping[str, torch.Tensor]:
+        return self.call_frame().inputs
+
+    def require(self, name: str, who: str) -> torch.Tensor:
+        """The current call's routing input ``name``, or a one-line error naming how to pass it."""
+        value = self.call_frame().inputs.get(name)
+        if value is None:
+            raise TensorftError(
+                f"{who}: no {name} for this forward; pass model(..., {name}=...) or use "
+                f"tensorft.routing_context(model, {name}=...)"
+            )
+        return value
+
+    def add_aux_loss(self, name: str, value: torch.Tensor) -> None:
+        """Add a scalar auxiliary loss to the current call; the trainers add it to the loss
+        (scaled like the main loss under gradient accumulation) and log it as ``aux/<name>``."""
+        self.call_frame().aux.add(name, value)
+
+    def generation_memory(self, cache) -> dict | None:
+        """A dict that lives as long as ``cache`` (a generate call's ``past_key_values``): a
+        kind's prepare_routing computes routing at prefill and keeps it here for the decode
+        steps. None without a cache. Beam search reorders beams within a prompt only, so
+        routing that depends on the prompt alone stays valid for every row."""
+        if cache is None:
+            return None
+        return self._generation_memory.setdefault(cache, {})
 
 
 class SiteAdapter(nn.Module):
@@ -86,6 +236,10 @@ class AdapterKind:
     mergeable: ClassVar[bool] = True
     exportable: ClassVar[bool] = True
     why_not_mergeable: ClassVar[str] = "its update depends on the input"
+    # Forward kwargs this kind reads as per-row routing inputs, besides ``task_ids`` (always
+    # taken) and ``routing={...}``: ``model(ids, scores=s)`` and ``model.generate(ids, scores=s,
+    # num_return_sequences=n)`` (generate expands every named input like its own tensors).
+    routing_inputs: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def ensure_mergeable(cls) -> None:
@@ -129,6 +283,46 @@ class AdapterKind:
     def describe_site(self, site: Site) -> str:
         """A short shape description for the ``params`` table."""
         return f"{site.in_features}->{site.out_features}"
+
+    def lr_scales(self, model: nn.Module, named: dict[str, nn.Parameter]) -> dict[str, float]:
+        """Learning-rate multiplier per trainable parameter name (absent: 1.0), relative to the
+        LoRA learning rate the user writes. See ``tensorft/optim.py``."""
+        return {}
+
+    def frozen_parameters(self, model: nn.Module, named: dict[str, nn.Parameter]) -> set[str]:
+        """Names (among ``named``, every saved parameter) that are saved and loaded but not
+        trained, e.g. frozen experts. ``attach`` leaves them ``requires_grad=False``, so
+        ``count_parameters`` and the optimizer skip them while ``save`` keeps them."""
+        return set()
+
+    def prepare_routing(self, model: nn.Module, frame: "Routing", inputs: dict) -> "Routing":
+        """The model-level step, run before each forward of the Hugging Face model.
+
+        ``frame``: the call's routing (context inputs plus the call's kwargs); ``inputs``: the
+        forward's arguments by name (``input_ids``, ``attention_mask``, ``past_key_values``...).
+        Return the frame the adapted layers will see, e.g. ``frame.replace(expert_ids=...)``
+        after a router pass through the base model (``with tensorft.disable_adapters(model):
+        model(...)``; forwards nested in this step skip it). Across a generate call's decode
+        steps keep results in ``model.tensorft.state.generation_memory(inputs.get(
+        "past_key_values"))``. Add router losses with ``frame.aux.add(name, loss)``.
+
+        Under DDP every trainable parameter must get a gradient in every step: keep per-task /
+        per-expert weights stacked in one tensor and index it (absent tasks get zero rows), or
+        add ``0 * p.sum()`` for a parameter a step may skip (a router used at prefill only).
+        """
+        return frame
+
+
+def adam_pace_scale(init_rms: float, d_in: int) -> float:
+    """Learning-rate multiplier that makes a factor of initial RMS ``init_rms`` change, relative
+    to its size, as fast under Adam as LoRA's A of the same layer.
+
+    Adam moves every entry by about ``lr`` per step whatever its size, so a factor's relative
+    change per step is ``lr / rms``. LoRA's A (Kaiming-uniform, RMS ``1/sqrt(3 d_in)``) moves at
+    ``lr sqrt(3 d_in)``; an order-one factor (CP's C's, TT's middle cores) at the same ``lr``
+    would move ~40x (d=576) to ~110x (d=4096) slower, i.e. stay frozen at its init
+    (bench/update_dynamics.py measures it)."""
+    return init_rms * math.sqrt(3 * d_in)
 
 
 def kaiming_uniform_(tensor: torch.Tensor) -> torch.Tensor:

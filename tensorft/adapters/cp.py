@@ -34,10 +34,13 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..registry import register_adapter
 from ..topology import ATTENTION_ROLES, MLP_ROLES, Site
-from .base import AdapterKind, AdapterState, SiteAdapter
+from .base import AdapterKind, AdapterState, SiteAdapter, adam_pace_scale
 
 # How far the C factors start from 1 (dW is zero at init through B = 0 either way).
 C_INIT_SPREAD = 0.2
+# Learning-rate multiplier of every CP factor relative to the LoRA lr of the config (the C's
+# get adam_pace_scale on top): bench/RESULTS.md, "learning quality".
+CP_LR_SCALE = 1.0
 
 
 def _uniform_around_one(*shape: int) -> nn.Parameter:
@@ -104,6 +107,14 @@ class CPFactors(nn.Module):
         super().__init__()
         self.attention = attention
         self.mlp = mlp
+
+    def c_factors(self) -> list[nn.Parameter]:
+        """The order-one C factors (heads, layers, matrices) of both tensors."""
+        out = []
+        for tensor in (self.attention, self.mlp):
+            if tensor is not None:
+                out += [p for name, p in tensor.named_parameters() if name.startswith("C_")]
+        return out
 
 
 class CPSite(SiteAdapter):
@@ -240,3 +251,12 @@ class CP(AdapterKind):
 
     def describe_site(self, site: Site) -> str:
         return f"{site.role} {site.in_features}->{site.out_features}: rank-{self.config.rank} slices of shared"
+
+    def lr_scales(self, model, named):
+        # The C's start around 1 while A starts at LoRA-A size: at one learning rate Adam would
+        # leave them near their init, and no layer or head could specialise (measured:
+        # bench/RESULTS.md, "update dynamics"). Give them A's relative pace.
+        shared = model.tensorft.shared
+        c_scale = adam_pace_scale(1.0, self.shape.hidden_size)
+        c_ids = {id(p) for p in shared.c_factors()}
+        return {n: c_scale * CP_LR_SCALE if id(p) in c_ids else CP_LR_SCALE for n, p in named.items()}

@@ -10,7 +10,8 @@ bond between them splits the train into ``dW = B_tt A_tt``::
 
 Two exact paths, neither builds ``d_out x d_in``: ``factors`` builds (A_tt, B_tt) and runs the
 two LoRA matmuls; ``cores`` contracts x through the cores one at a time (bench/ compares them).
-Scale is ``alpha`` (the reference uses alpha=16, no division by r). The last core starts at
+Scale is ``alpha / r`` as for every kind (the reference uses a plain alpha=16: set alpha = 16 r
+for its scale). The last core starts at
 zero so ``dW = 0`` at step 0. Params: ``sum_k r_{k-1} s_k r_k``.
 """
 
@@ -27,10 +28,13 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..registry import register_adapter
 from ..topology import Site
-from .base import AdapterKind, AdapterState, SiteAdapter
+from .base import AdapterKind, AdapterState, SiteAdapter, adam_pace_scale
 
 # Default mode size the automatic factorisation aims for (4096 -> [16, 16, 16]).
 TARGET_MODE = 16
+# Learning-rate multiplier of every core relative to the LoRA lr of the config (the middle
+# cores get adam_pace_scale on top): bench/RESULTS.md, "learning quality".
+TT_LR_SCALE = 1.0
 
 
 @dataclass
@@ -90,6 +94,17 @@ class TTSite(SiteAdapter):
                 else:
                     core.normal_(0.0, 1.0 / math.sqrt(core.shape[0]))
 
+    def core_lr_scales(self) -> list[float]:
+        """Per core: the multiplier giving it LoRA-A's relative pace under Adam (see
+        ``adam_pace_scale``). The first core already has LoRA-A's size and the last starts at
+        zero (as LoRA's B): 1. The middle cores start at RMS ``1/sqrt(r)``."""
+        d_in = math.prod(self.in_modes)
+        last = len(self.cores) - 1
+        return [
+            1.0 if k in (0, last) else adam_pace_scale(1.0 / math.sqrt(core.shape[0]), d_in)
+            for k, core in enumerate(self.cores)
+        ]
+
     def tt_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_tt: r x d_in, B_tt: d_out x r)`` from the cores, without the scale."""
         p = len(self.in_modes)
@@ -133,9 +148,12 @@ class TTSite(SiteAdapter):
 class TT(AdapterKind):
     options_cls = TTOptions
 
-    @property
-    def scale(self) -> float:
-        return self.config.alpha
+    def lr_scales(self, model, named):
+        by_id = {}
+        for layer in model.tensorft.layers.values():
+            for core, scale in zip(layer.adapter.cores, layer.adapter.core_lr_scales()):
+                by_id[id(core)] = scale * TT_LR_SCALE
+        return {n: by_id[id(p)] for n, p in named.items() if id(p) in by_id}
 
     @classmethod
     def check_options(cls, config, prefix: str) -> None:

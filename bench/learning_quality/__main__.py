@@ -1,0 +1,173 @@
+"""Learning-quality benchmark (issue 8): do tensorft's adapter kinds learn as well as LoRA at
+fewer parameters? SmolLM2-135M-Instruct, real multiple-choice tasks that install offline.
+
+    python -m bench.learning_quality --quick [--out DIR]      # 4 tasks x 4 methods, q,v, one lr, 1 seed
+    python -m bench.learning_quality [--tasks a,b] [--methods m,n] [--targets qv,all]
+        [--mode defaults|sweep] [--seeds 0,1] [--steps N] [--batch B] [--lr LR] [--out DIR]
+    python -m bench.learning_quality --list                   # tasks, methods and parameter counts
+    python -m bench.learning_quality --report-only --out DIR  # summary and plot of what is done
+
+Per (task, method, targets): every lr of the grid (defaults: the base lr, the LoRA lr, for every
+method; sweep: x0.25, x1, x4 of it) and every seed is trained and evaluated on dev and test; the
+lr with the best mean dev accuracy is chosen and its test mean / std over seeds reported.
+Writes ``OUT/runs/**.json`` (one per finished run: a rerun skips them), ``OUT/summary.md`` and,
+through ``evaluation/report.py``, ``OUT/report/report.md`` and ``report.png`` (test accuracy
+averaged over tasks vs trainable parameters, one line per kind and targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")  # nothing comes from the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # evaluation/ and scripts/ are imported from the checkout
+
+from . import engine, protocol  # noqa: E402
+from .methods import METHODS, QUICK_METHODS, TARGETS, attach  # noqa: E402
+from .tasks import DEFAULT_TASKS, TASKS, load_task  # noqa: E402
+
+DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "learning_quality")
+QUICK_OUT = os.path.join(ROOT, "bench", "results", "learning_quality_quick")
+BASE_LR = 5e-4
+# Seconds on 2 idle cores (SmolLM2-135M, prompts < ~100 tokens), for the up-front estimate: one
+# training row (forward + backward + step share) and one evaluated row (all its options).
+# Measured on cores shared with ~2 other busy processes (sports_understanding, 2026-12-01:
+# 1.48 s / train row, 0.2 s / eval row) and divided by the ~4x slowdown that sharing caused
+# on the same evaluation: an estimate, to be re-measured on idle cores.
+STEP_S_PER_ROW = 0.37
+EVAL_S_PER_ROW = 0.05
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"tensorft: error: {message}\n")
+
+
+def _names(value: str, known, what: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"tensorft: error: unknown {what} {', '.join(unknown)} (known: {', '.join(known)})")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m bench.learning_quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the subset that runs in well under an hour")
+    p.add_argument("--tasks", default=None, help=f"comma-separated (default {','.join(DEFAULT_TASKS)})")
+    p.add_argument("--methods", default=None, help="comma-separated method names (--list shows them)")
+    p.add_argument("--targets", default=None, help="qv, all or qv,all (default: qv with --quick, else both)")
+    p.add_argument("--mode", choices=sorted(protocol.LR_MULTIPLIERS), default=None,
+                   help="defaults: one lr for every method; sweep: x0.25, x1, x4 (default: sweep, defaults with --quick)")
+    p.add_argument("--seeds", default=None, help="comma-separated (default 0 with --quick, else 0,1)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 50 with --quick, else 70)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=BASE_LR, help="the base (LoRA) learning rate")
+    p.add_argument("--out", default=None, help="results folder (default bench/results/learning_quality[_quick])")
+    p.add_argument("--list", action="store_true", help="print tasks and methods with parameter counts, then exit")
+    p.add_argument("--report-only", action="store_true", help="only write the summary and plot of finished runs")
+    return p
+
+
+def resolve(args) -> argparse.Namespace:
+    """Fill the defaults that depend on --quick; check the names."""
+    quick = args.quick
+    args.tasks = _names(args.tasks or ",".join(DEFAULT_TASKS), TASKS, "task")
+    args.methods = _names(args.methods or ",".join(QUICK_METHODS if quick else METHODS), METHODS, "method")
+    args.targets = _names(args.targets or ("qv" if quick else "qv,all"), TARGETS, "targets")
+    args.mode = args.mode or ("defaults" if quick else "sweep")
+    args.seeds = [int(s) for s in (args.seeds or ("0" if quick else "0,1")).split(",")]
+    args.steps = args.steps or (50 if quick else 70)  # quick: 16 runs in ~45 min on 2 idle cores
+    args.out = os.path.abspath(args.out or (QUICK_OUT if quick else DEFAULT_OUT))
+    return args
+
+
+def settings_line(args) -> str:
+    return (f"SmolLM2-135M-Instruct fp32; {args.steps} steps of batch {args.batch}, AdamW (weight decay 0), "
+            f"linear warmup {engine.TrainSettings().warmup} steps then linear decay to 0, grad-norm clip 1.0; "
+            f"loss on the gold option's tokens; base lr {args.lr:g}, mode {args.mode} "
+            f"(x{', x'.join(f'{m:g}' for m in protocol.LR_MULTIPLIERS[args.mode])}); seeds {args.seeds}; "
+            "lr chosen by mean dev accuracy; accuracy = rank classification by log-likelihood per option token.")
+
+
+def estimate_s(specs: list[protocol.RunSpec], splits: dict, args) -> float:
+    per_task = {t: len(s["dev"]) + len(s["test"]) for t, s in splits.items()}
+    runs = sum(args.steps * args.batch * STEP_S_PER_ROW + per_task[s.task] * EVAL_S_PER_ROW for s in specs)
+    return runs + sum(per_task.values()) * EVAL_S_PER_ROW  # + zero-shot
+
+
+def load_base():
+    import tensorft
+    from tensorft.loading import load_base_model
+    from tensorft.pretrained import smollm2_135m_instruct
+    from transformers import AutoTokenizer
+
+    model_dir = smollm2_135m_instruct()  # ~1 min the first time, then cached
+    base = load_base_model(tensorft.ModelConfig(name_or_path=model_dir))
+    base.eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base, AutoTokenizer.from_pretrained(model_dir), model_dir
+
+
+def list_methods() -> None:
+    """Every method's trainable-parameter count on each targets set, attached to SmolLM2-135M
+    built on the meta device (shapes only: no weights loaded, no memory used)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tensorft.pretrained import smollm2_135m_instruct
+
+    config = AutoConfig.from_pretrained(smollm2_135m_instruct())
+    print("tasks:", ", ".join(TASKS))
+    for name, method in METHODS.items():
+        counts = []
+        for t, targets in TARGETS.items():
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+            counts.append(f"{t} {attach(model, method, targets, 1e-3, 0)[2]:>9,}")
+        print(f"{name:16s} {'  '.join(counts)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = resolve(build_parser().parse_args(argv))
+    if args.report_only:
+        protocol.write_report(args.out, settings_line(args), "SmolLM2-135M-Instruct")
+        return 0
+    if args.list:
+        list_methods()
+        return 0
+    t = time.perf_counter()
+    base, tokenizer, model_dir = load_base()
+    print(f"model: {model_dir} [{time.perf_counter() - t:.0f} s]", flush=True)
+    splits = {name: {s: engine.encode(tokenizer, rows) for s, rows in load_task(name).items()} for name in args.tasks}
+    for name, s in splits.items():
+        print(f"task {name}: {', '.join(f'{k} {len(v)}' for k, v in s.items())}")
+    bench = protocol.Bench(base, tokenizer, splits, engine.TrainSettings(steps=args.steps, batch=args.batch),
+                           args.out, os.path.basename(model_dir), verbose=True)
+    specs = protocol.grid(args.tasks, [METHODS[m] for m in args.methods], args.targets, args.lr, args.mode, args.seeds)
+    todo = [s for s in specs if not os.path.isfile(s.path(args.out))]
+    print(f"{len(specs)} runs, {len(specs) - len(todo)} already done; estimated "
+          f"{estimate_s(todo, splits, args) / 60:.0f} min on 2 idle cores -> {args.out}", flush=True)
+    for name in args.tasks:
+        z = bench.zero_shot(name)
+        print(f"  zero-shot {name}: dev {z['dev_acc']:.3f} test {z['test_acc']:.3f}", flush=True)
+    for i, spec in enumerate(specs, 1):
+        r = bench.run(spec)
+        print(f"  [{i}/{len(specs)}] {spec.task} {spec.method.name}@{spec.targets} lr {spec.lr:g} seed {spec.seed}: "
+              f"params {r['params']:,} dev {r['dev_acc']:.3f} test {r['test_acc']:.3f} "
+              f"loss {r['loss_first']:.2f}->{r['loss_last10']:.2f} [{r['total_s']:.0f} s]", flush=True)
+    protocol.write_report(args.out, settings_line(args), os.path.basename(model_dir))
+    print(f"written: {os.path.join(args.out, 'summary.md')}, {os.path.join(args.out, 'report', 'report.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

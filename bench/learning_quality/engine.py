@@ -1,0 +1,183 @@
+"""Training and rank-classification evaluation of one adapter on multiple-choice rows.
+
+Everything runs in-process: the base model is loaded once and every run trains a deep copy of
+it (a memory copy, ~0.3 s for SmolLM2-135M), so no run can see another run's adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class Encoded:
+    """A row tokenized once: each option's ids after the prompt and where its tokens start."""
+
+    options: list[list[int]]  # prompt + option ids, per option
+    starts: list[int]  # index of each option's first token
+    gold: int
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode(tokenizer, rows: list[dict]) -> list[Encoded]:
+    """Tokenize prompt and prompt + option; an option's tokens start where the two diverge
+    (as trl does for prompt-completion rows), so merges across the boundary are handled."""
+    out = []
+    for row in rows:
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        fulls = [tokenizer(row["prompt"] + option)["input_ids"] for option in row["options"]]
+        starts = [max(1, _common_prefix(prompt, full)) for full in fulls]
+        out.append(Encoded(fulls, starts, row["gold"]))
+    return out
+
+
+def _left_padded(inputs: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+    """Model inputs, left-padded so that every row's option tokens sit at the end: the model
+    then computes logits for the last positions only (``logits_to_keep``), skipping the LM
+    head (~20% of SmolLM2's compute) and the vocabulary-wide softmax over the prompts."""
+    width = max(map(len, inputs))
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in inputs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in inputs])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as without padding
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+
+def _target(row: Encoded, j: int) -> list[int]:
+    return row.options[j][row.starts[j]:]
+
+
+def option_logits(model: nn.Module, inputs: list[list[int]], keep: int, pad: int) -> torch.Tensor:
+    """Logits [batch, keep, vocab] predicting the tokens after each input's last ``keep`` positions."""
+    return model(**_left_padded(inputs, pad), logits_to_keep=keep).logits.float()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def option_scores(model: nn.Module, data: list[Encoded], pad: int, batch_size: int = 32) -> list[list[float]]:
+    """Mean log-probability per token of every option after its prompt.
+
+    The model reads prompt + option without its last token; options that share that input
+    (every one-token option of a prompt) share one forward pass.
+    """
+    wanted: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for i, row in enumerate(data):
+        for j, full in enumerate(row.options):
+            wanted.setdefault(tuple(full[:-1]), []).append((i, j))
+    scores = [[float("-inf")] * len(row.options) for row in data]
+    inputs = sorted(wanted, key=len)  # similar lengths together: little padding
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for b in range(0, len(inputs), batch_size):
+            batch = inputs[b:b + batch_size]
+            keep = max(len(_target(data[i], j)) for key in batch for i, j in wanted[key])
+            logprobs = torch.log_softmax(option_logits(model, [list(x) for x in batch], keep, pad), dim=-1)
+            for r, key in enumerate(batch):
+                for i, j in wanted[key]:
+                    target = torch.tensor(_target(data[i], j))
+                    picked = logprobs[r, keep - len(target):].gather(1, target[:, None])
+                    scores[i][j] = picked.mean().item()
+    model.train(was_training)
+    return scores
+
+
+def accuracy(scores: list[list[float]], data: list[Encoded]) -> float:
+    """Share of rows whose best-scoring option is the gold one (the first on ties)."""
+    hits = sum(max(range(len(s)), key=lambda j: (s[j], -j)) == row.gold for s, row in zip(scores, data))
+    return hits / len(data)
+
+
+def evaluate(model: nn.Module, data: list[Encoded], pad: int) -> float:
+    return accuracy(option_scores(model, data, pad), data)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 70
+    batch: int = 8
+    warmup: int = 5  # linear warmup steps, then linear decay to 0
+    max_grad_norm: float = 1.0
+
+
+def batches(n_rows: int, steps: int, batch: int, seed: int) -> list[list[int]]:
+    """Row indices per step: seeded reshuffles of the whole train split, epoch after epoch."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    out = []
+    for _ in range(steps):
+        while len(order) < batch:
+            epoch = list(range(n_rows))
+            rng.shuffle(epoch)
+            order += epoch
+        out.append(order[:batch])
+        order = order[batch:]
+    return out
+
+
+def gold_loss(model: nn.Module, data: list[Encoded], indices: list[int], pad: int) -> torch.Tensor:
+    """Mean cross-entropy over the gold options' tokens (the prompt is not trained on)."""
+    targets = [_target(data[i], data[i].gold) for i in indices]
+    keep = max(map(len, targets))
+    logits = option_logits(model, [data[i].options[data[i].gold][:-1] for i in indices], keep, pad)
+    labels = torch.tensor([[-100] * (keep - len(t)) + t for t in targets])
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def schedule(settings: TrainSettings):
+    """Linear warmup to the peak lr, then linear decay to 0 at the last step."""
+
+    def factor(step: int) -> float:
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        return max(0.0, (settings.steps - step) / max(1, settings.steps - settings.warmup))
+
+    return factor
+
+
+def train(model: nn.Module, groups: list[dict], data: list[Encoded], settings: TrainSettings, seed: int,
+          pad: int, on_step=None) -> list[float]:
+    """AdamW on ``groups`` (each keeps its own lr) for ``settings.steps`` steps; the losses.
+    ``on_step(step, loss)`` is called after every step (progress of runs that take minutes)."""
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(settings))
+    params = [p for g in groups for p in g["params"]]
+    model.train()
+    losses = []
+    for indices in batches(len(data), settings.steps, settings.batch, seed):
+        loss = gold_loss(model, data, indices, pad)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(len(losses), losses[-1])
+        if not math.isfinite(losses[-1]):
+            break
+    model.eval()
+    return losses
+
+
+def fresh_copy(base: nn.Module) -> nn.Module:
+    """An independent copy of the frozen base for one run (adapters never leak between runs)."""
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -1,0 +1,137 @@
+"""bench/learning_quality: the harness end to end on a tiny Llama (SmolLM2's tokenizer) and a
+tiny synthetic multiple-choice task; scores and losses checked against plain unpadded forwards."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import save_tiny_chat_llama
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.learning_quality import engine, protocol, tasks  # noqa: E402
+from bench.learning_quality.methods import METHODS  # noqa: E402
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
+
+
+def synthetic_rows(n):
+    """Options of different token lengths and shared prefixes, so padding and the option start
+    are exercised; the gold is a fixed function of the prompt."""
+    rows = []
+    for i in range(n):
+        color = COLORS[i % len(COLORS)]
+        rows.append({"prompt": f"Item {i}: the {color} one.\nAnswer:",
+                     "options": [" warm", " cold and wet", " neither"], "gold": (i * 7 + len(color)) % 3})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = save_tiny_chat_llama(tmp_path_factory.mktemp("tiny_llama"))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _pad(tokenizer):
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _hand_scores(model, data):
+    """Each option alone, unpadded: mean log-prob of its tokens after the prompt."""
+    scores = []
+    with torch.no_grad():
+        for row in data:
+            per_option = []
+            for full, start in zip(row.options, row.starts):
+                logprobs = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), dim=-1)
+                per_option.append(sum(logprobs[p - 1, full[p]].item() for p in range(start, len(full))) / (len(full) - start))
+            scores.append(per_option)
+    return scores
+
+
+def test_rank_classification_matches_hand_computation(tiny):
+    model, tok = tiny
+    data = engine.encode(tok, synthetic_rows(10))
+    assert all(len(set(r.starts)) == 1 and r.starts[0] > 0 for r in data)
+    got = engine.option_scores(model, data, _pad(tok), batch_size=4)
+    want = _hand_scores(model, data)
+    assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-4)
+    hand_acc = sum(max(range(3), key=lambda j: w[j]) == r.gold for w, r in zip(want, data)) / len(data)
+    assert engine.accuracy(got, data) == hand_acc
+
+
+def test_loss_is_on_the_gold_option_only(tiny):
+    model, tok = tiny
+    data = engine.encode(tok, synthetic_rows(4))
+    loss = engine.gold_loss(model, data, [0, 1, 2, 3], _pad(tok))
+    terms = []
+    with torch.no_grad():
+        for row in data:
+            full, start = row.options[row.gold], row.starts[row.gold]
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), dim=-1)
+            terms += [-logprobs[p - 1, full[p]].item() for p in range(start, len(full))]
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), abs=1e-4)
+
+
+def test_stratified_splits_are_fixed_disjoint_and_balanced():
+    task = tasks.Task("synthetic", lambda: [], sizes=(12, 6, 6), stratify=True)
+    rows = [{"prompt": f"p{i}", "options": [" a", " b"], "gold": i % 2} for i in range(40)]
+    splits = tasks.make_splits(task, rows)
+    assert splits == tasks.make_splits(task, [dict(r) for r in rows])  # fixed by the seed
+    assert [len(splits[s]) for s in tasks.SPLITS] == [12, 6, 6]
+    prompts = [r["prompt"] for s in tasks.SPLITS for r in splits[s]]
+    assert len(prompts) == len(set(prompts))
+    assert all(sum(r["gold"] for r in splits[s]) * 2 == len(splits[s]) for s in tasks.SPLITS)
+
+
+def test_select_chooses_lr_on_dev_and_reports_test_over_seeds():
+    def run(lr, seed, dev, test):
+        return {"task": "t", "method": "cp-r4", "kind": "cp", "rank": 4, "targets": "qv", "params": 10,
+                "lr": lr, "seed": seed, "dev_acc": dev, "test_acc": test}
+
+    results = [run(1e-3, 0, 0.6, 0.9), run(1e-3, 1, 0.6, 0.9),  # best test, worse dev: not chosen
+               run(4e-3, 0, 0.8, 0.5), run(4e-3, 1, 0.7, 0.7),
+               {"task": "t", "method": "zero-shot", "kind": "none", "params": 0, "dev_acc": 0.4, "test_acc": 0.3}]
+    chosen = {s.method: s for s in protocol.select(results)}
+    assert chosen["cp-r4"].lr == 4e-3 and chosen["cp-r4"].seeds == 2
+    assert chosen["cp-r4"].test_mean == pytest.approx(0.6) and chosen["cp-r4"].test_std == pytest.approx(0.1414, abs=1e-3)
+    assert chosen["zero-shot"].test_mean == 0.3
+
+
+def test_bench_end_to_end_resume_and_report(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    rows = synthetic_rows(24)
+    splits = {"synthetic": {"train": engine.encode(tok, rows[:12]), "dev": engine.encode(tok, rows[12:18]),
+                            "test": engine.encode(tok, rows[18:])}}
+    out = str(tmp_path / "lq")
+    bench = protocol.Bench(model, tok, splits, engine.TrainSettings(steps=3, batch=4, warmup=1), out, "tiny")
+    methods = [METHODS["peft-lora-r1"], METHODS["cp-r24"]]
+    specs = protocol.grid(["synthetic"], methods, ["qv"], 1e-3, "defaults", [0])
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    bench.zero_shot("synthetic")
+    results = [bench.run(spec) for spec in specs]
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # the base is never trained
+    for spec, r in zip(specs, results):
+        assert json.load(open(spec.path(out))) == r
+        assert r["params"] > 0 and 0 <= r["dev_acc"] <= 1 and 0 <= r["test_acc"] <= 1 and r["steps"] == 3
+        assert r["method"] == spec.method.name and r["lr"] == 1e-3
+    assert results[0]["params"] == 2 * ((64 + 64) + (64 + 32))  # PEFT LoRA r=1 on q (64->64), v (64->32), 2 layers
+
+    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert [bench.run(spec) for spec in specs] == results
+
+    selected = protocol.write_report(out, "settings", "tiny")
+    assert {s.method for s in selected} == {"peft-lora-r1", "cp-r24", "zero-shot"}
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "peft-lora-r1" in summary and "zero-shot" in summary
+    assert os.path.getsize(os.path.join(out, "report", "report.png")) > 0
+    assert "cp (qv)" in open(os.path.join(out, "report", "report.md")).read()
