@@ -143,3 +143,15 @@ def test_every_shipped_config_validates():
     for name in names:
         cfg = load_config(os.path.join(CONFIGS, name))
         assert cfg.adapter.kind in ("lora", "cp", "tt"), name
+
+
+def test_numbers_written_the_usual_way_are_numbers(tmp_path):
+    """PyYAML reads ``1e-4`` (no dot) as a string; a config means the number."""
+    from tensorft.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  name_or_path: x\ntrain:\n  lr: 1e-4\n")
+    assert load_config(str(path), ["train.weight_decay=1e-2"]).train.lr == 1e-4
+    assert load_config(str(path), ["train.weight_decay=1e-2"]).train.weight_decay == 0.01
+    with pytest.raises(tensorft.ConfigError, match="train.lr: expected a number, got 'fast'"):
+        load_config(str(path), ["train.lr=fast"])
