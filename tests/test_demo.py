@@ -25,7 +25,7 @@ def test_demo_improves_heldout_accuracy(tmp_path):
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads((out / "demo_result.json").read_text())
-    # Measured: 43.7% before, 68.0% after; 15 points is far outside the noise of 300 tweets.
+    # Measured: 43.7% before, 61.3% after (lr 1e-3); 15 points is far outside the noise of 300 tweets.
     assert result["accuracy_after"] >= result["accuracy_before"] + 0.15, result
     assert result["heldout_examples"] == 300 and result["train_examples"] == 360
     assert "held-out accuracy" in proc.stdout and f"adapter            {out}" in proc.stdout
