@@ -39,8 +39,10 @@ from .base import AdapterKind, AdapterState, SiteAdapter, adam_pace_scale
 # How far the C factors start from 1 (dW is zero at init through B = 0 either way).
 C_INIT_SPREAD = 0.2
 # Learning-rate multiplier of every CP factor relative to the LoRA lr of the config (the C's
-# get adam_pace_scale on top): bench/RESULTS.md, "learning quality".
-CP_LR_SCALE = 1.0
+# get adam_pace_scale on top). One A and one B serve every layer and their summed gradient is
+# only partly coherent, so at LoRA's lr CP barely learns (tweet sentiment, q,v, r=64: test 0.463
+# at x1, 0.613 at x4, PEFT LoRA r=8 0.629): bench/RESULTS.md, "Learning quality".
+CP_LR_SCALE = 4.0
 
 
 def _uniform_around_one(*shape: int) -> nn.Parameter:
