@@ -7,6 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -97,6 +98,24 @@ def randomize_adapters(model, seed=1, scale=0.5):
         for p in tensorft.adapter_parameters(model).values():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
     return model
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Records the shape of every tensor an op allocates (views allocate nothing and are
+    skipped): tests assert no weight-shaped update is ever built."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:  # views (W0.t() in F.linear) allocate nothing
+            return out
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.add(tuple(t.shape))
+        return out
 
 
 def tokens(batch=2, seq=7, vocab=128, seed=0):

@@ -4,10 +4,9 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import tensorft
-from conftest import ATTN, MLP, randomize_adapters, tiny_bert, tiny_llama, tiny_mistral, tiny_qwen2, tokens
+from conftest import ATTN, MLP, ShapeRecorder, randomize_adapters, tiny_bert, tiny_llama, tiny_mistral, tiny_qwen2, tokens
 
 ALL = ATTN + MLP
 
@@ -208,21 +207,6 @@ def test_tt_cores_path_equals_factors_path():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
-class _ShapeRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.is_view:  # views (W0.t() in F.linear) allocate nothing
-            return out
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.shapes.add(tuple(t.shape))
-        return out
-
-
 @pytest.mark.parametrize("adapter", KINDS, ids=_id)
 def test_training_step_never_builds_a_dense_update(adapter):
     """No tensor of a weight's shape (d_out x d_in) is created in forward + backward."""
@@ -231,7 +215,7 @@ def test_training_step_never_builds_a_dense_update(adapter):
     weight_shapes = {tuple(layer.base_layer.weight.shape) for layer in model.tensorft.layers.values()}
     weight_shapes |= {s[::-1] for s in weight_shapes}
     ids = tokens(seq=5)
-    recorder = _ShapeRecorder()
+    recorder = ShapeRecorder()
     with recorder:
         loss = model(ids, labels=ids).loss
         loss.backward()

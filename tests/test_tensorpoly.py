@@ -10,10 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import tensorft
-from conftest import ATTN, MLP, randomize_adapters, tiny_llama, tokens
+from conftest import ATTN, MLP, ShapeRecorder, randomize_adapters, tiny_llama, tokens
 from tensorft.adapters.tensorpoly import tensor_side
 from tensorft.errors import ConfigError, TensorftError
 
@@ -305,20 +304,6 @@ def test_closed_form_parameter_count_equals_real_count_and_paper(kind):
     assert square.tensorft.kind.parameter_count(sites) == tensorft.count_parameters(square) == per_layer * len(sites)
 
 
-class _ShapeRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor):
-                    self.shapes.add(tuple(t.shape))
-        return out
-
-
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_training_step_never_builds_a_dense_update(kind):
     model = tiny_llama(kv_heads=2, hidden=96, heads=4)
@@ -328,7 +313,7 @@ def test_training_step_never_builds_a_dense_update(kind):
     weight_shapes |= {s[::-1] for s in weight_shapes}
     weight_shapes |= {(b, *s) for s in weight_shapes for b in (1, 2)}  # nor one per row
     ids = tokens(seq=5)
-    recorder = _ShapeRecorder()
+    recorder = ShapeRecorder()
     with recorder:
         model(ids, labels=ids, task_ids=torch.tensor([0, 1])).loss.backward()
     assert not (recorder.shapes & weight_shapes), recorder.shapes & weight_shapes
