@@ -85,8 +85,7 @@ def check_judge(spec: str, base_url: str, key_env: str) -> None:
     """Everything about the judge that can be checked without calling or loading it."""
     kind, name = parse_judge_spec(spec)
     if kind == "openai":
-        if not re.match(r"https?://[^/]", base_url):
-            raise TensorftError(f"--judge-base-url: {base_url!r} is not an http(s) URL")
+        check_base_url(base_url)
         if not key_env:
             raise TensorftError("--judge-api-key-env: empty variable name")
         if not os.environ.get(key_env):
@@ -96,6 +95,40 @@ def check_judge(spec: str, base_url: str, key_env: str) -> None:
             )
     elif name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
         raise TensorftError(f"--judge: {name} is not a directory")
+
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def check_base_url(base_url: str) -> None:
+    """The API key travels in a header: https only, except to this machine (a local server)."""
+    import ipaddress
+    import urllib.parse
+
+    if not re.match(r"https?://[^/]", base_url):
+        raise TensorftError(f"--judge-base-url: {base_url!r} is not an http(s) URL")
+    url = urllib.parse.urlsplit(base_url)
+    host = (url.hostname or "").lower()
+    try:
+        loopback = host in LOOPBACK or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if url.scheme != "https" and not loopback:
+        raise TensorftError(
+            f"--judge-base-url: {base_url!r} is plain http; the API key is only sent over https "
+            "(or to a loopback host: localhost, 127.0.0.1, ::1)"
+        )
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # urllib would re-send the Authorization header to wherever a redirect points.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+def _open(request, timeout: float):
+    # built per call, as urlopen's own opener: proxy settings are read from the environment now
+    return urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout)
 
 
 def make_judge(spec: str, *, base_url: str = DEFAULT_BASE_URL, key_env: str = DEFAULT_KEY_ENV,
@@ -118,6 +151,7 @@ class OpenAIJudge:
                  key_env: str = DEFAULT_KEY_ENV):
         self.model = model
         self.key_env = key_env
+        check_base_url(base_url)
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
         self.timeout = timeout
@@ -138,7 +172,7 @@ class OpenAIJudge:
         """
         request = urllib.request.Request(self.base_url + "/models", headers=self._headers())
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout):
+            with _open(request, self.timeout):
                 pass
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):
@@ -155,11 +189,17 @@ class OpenAIJudge:
             method="POST",
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with _open(request, self.timeout) as response:
                 body = response.read()
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):
                 raise self._refused(e) from None
+            if 300 <= e.code < 400:  # not followed: the key would go along
+                where = e.headers.get("Location", "?") if e.headers else "?"
+                raise JudgeFatalError(
+                    f"judge at {self.url}: HTTP {e.code} redirect to {where}, not followed (the API key is never "
+                    "sent across a redirect); give --judge-base-url the final address"
+                ) from None
             detail = self._snippet(e.read() if e.fp else b"")
             if e.code == 404:  # unknown model or URL: every later call fails too
                 raise JudgeFatalError(f"judge {self.model} at {self.url}: HTTP 404 {e.reason}: {detail}") from None

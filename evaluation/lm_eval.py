@@ -67,6 +67,8 @@ def tensorft_lm_class():
     from tensorft.errors import TensorftError
     from tensorft.saving import read_adapter_config
 
+    from .devices import check_device, default_device
+
     class TensorftLM(HFLM):
         """lm-eval's Hugging Face model class around a tensorft adapter (any kind)."""
 
@@ -104,7 +106,7 @@ def tensorft_lm_class():
                 overrides["dtype"] = str(dtype).replace("torch.", "")
             if quantization:
                 overrides["quantization"] = quantization
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = check_device(device) if device else default_device()
             hf_kwargs = {} if device == "cpu" else {"device_map": {"": device}}
             model = tensorft.from_pretrained(adapter, **overrides, **hf_kwargs)
             model.eval()
@@ -126,8 +128,48 @@ def tensorft_lm_class():
                 yield
 
         def _model_call(self, inps, attn_mask=None, labels=None):
-            with self._task_scope(inps.shape[0]):
+            with self._task_scope(inps.shape[0]), self._prompt_routing(inps):
                 return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+        # A kind that routes by the prompt's text (T-REX's intuition) gets it from each scored
+        # row's context alone, as in training, not from the row itself (context + continuation,
+        # right-padded with token 0, which decoding would read as text).
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            self._prompts = self._row_prompts(requests)
+            try:
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            finally:
+                self._prompts = None
+
+        def _row_prompts(self, requests):
+            routing = getattr(self.model.tensorft.kind, "routing_for_prompts", None)
+            if routing is None or any(r[0] is None for r in requests):  # rolling windows: no context
+                return None
+            rows = {tuple((ctx + cont)[-(self.max_length + 1):][:-1]): tuple(ctx) for _, ctx, cont in requests}
+            contexts = sorted(set(rows.values()))
+            inputs = routing(self.model, [self.tokenizer.decode(list(c), skip_special_tokens=True) for c in contexts])
+            index = {c: i for i, c in enumerate(contexts)}
+            lengths = sorted({len(k) for k in rows}, reverse=True)
+            return ({key: index[c] for key, c in rows.items()}, inputs, lengths) if inputs else None
+
+        @contextlib.contextmanager
+        def _prompt_routing(self, inps):
+            found = getattr(self, "_prompts", None)
+            picked = []
+            for row in inps.tolist() if found else []:
+                rows, _, lengths = found
+                hit = next((rows[tuple(row[:n])] for n in lengths if n <= len(row) and tuple(row[:n]) in rows), None)
+                if hit is None:  # not a request of this call: the kind reads the row's ids
+                    picked = []
+                    break
+                picked.append(hit)
+            if not picked:
+                yield
+                return
+            index = torch.tensor(picked)
+            with tensorft.routing_context(self.model, **{k: v[index.to(v.device)] for k, v in found[1].items()}):
+                yield
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             with self._task_scope(context.shape[0]):
@@ -329,8 +371,19 @@ def main(argv: list[str] | None = None) -> int:
         model_args["base"] = os.path.abspath(ns.base)
     # JSON, not key=value: an adapter path may contain commas.
     lm_argv = ["lm-eval", "run", *rest, "--model", MODEL_NAME, "--model_args", json.dumps(model_args)]
-
     from tensorft.errors import TensorftError
+
+    from .devices import check_device, default_device
+
+    device = _option_value(rest, ("--device",))
+    if not device:  # lm-eval's own default is cuda:0, even without CUDA
+        lm_argv += ["--device", default_device()]
+    try:
+        if device:
+            check_device(device)  # before lm-eval indexes its tasks (seconds)
+    except TensorftError as e:
+        print(f"tensorft: error: {e}", file=sys.stderr)
+        return 2
 
     before = _results_files(output_path)
     saved_argv = sys.argv
@@ -342,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         cli_evaluate()
     except SystemExit as e:  # lm-eval's own argument parser
         return _exit_code(e)
-    except (TensorftError, ValueError, FileNotFoundError) as e:
+    except (TensorftError, ValueError, OSError) as e:  # OSError: a task's hub data offline or missing
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"tensorft: error: {message}", file=sys.stderr)
         return 2

@@ -309,6 +309,10 @@ def prepare(args) -> Plan:
         read_adapter_config(args.adapter)
     if args.compare_to and not args.judge:
         raise TensorftError("--compare-to needs a --judge")
+    if args.device:  # a device this machine lacks: one line now, not a traceback after loading
+        from .devices import check_device
+
+        check_device(args.device)
 
     questions = load_questions(_default(args.questions, "--questions", "mt_bench", "question.jsonl"))
     if args.limit:
@@ -668,9 +672,9 @@ def execute(plan: Plan) -> int:
 
 
 def _default_device() -> str:
-    import torch
+    from .devices import default_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return default_device()
 
 
 class _Parser(argparse.ArgumentParser):

@@ -29,10 +29,10 @@ def _params(args) -> int:
     model = build_meta_model(cfg.model)
     base = sum(p.numel() for p in model.parameters())
     attach(model, cfg.adapter)
-    frozen = 0
     if cfg.adapter.init_from:  # the new task's routing row; the mode's frozen parameters
         start_fewshot(model, load_weights=False)
-        frozen = sum(p.numel() for p in adapter_parameters(model).values()) - count_parameters(model)
+    # saved but not trained: few-shot modes, ttmoe's experts
+    frozen = sum(p.numel() for p in adapter_parameters(model).values()) - count_parameters(model)
     rows, total = parameter_table(model)
     root = root_of(model)
     expected = root.kind.parameter_count(list(layer.site for layer in root.layers.values()))
@@ -42,7 +42,8 @@ def _params(args) -> int:
     print(f"{cfg.model.name_or_path}: adapter kind {cfg.adapter.kind}, rank {cfg.adapter.rank}")
     print(format_table(rows, total - frozen, base))
     if frozen:
-        print(f"few-shot {cfg.adapter.fewshot}: {frozen:,} of the parameters above are saved but frozen")
+        why = f"few-shot {cfg.adapter.fewshot}" if cfg.adapter.init_from else f"kind {cfg.adapter.kind}"
+        print(f"{why}: {frozen:,} of the parameters above are saved but frozen")
     return 0
 
 
@@ -53,16 +54,18 @@ def _task_note(task) -> str:
 def _merge(args) -> int:
     from .export import merge_to_dir
 
-    merge_to_dir(args.adapter_dir, args.out_dir, args.task)
-    print(f"merged model{_task_note(args.task)} written to {os.path.abspath(args.out_dir)}")
+    merge_to_dir(args.adapter_dir, args.out_dir, args.task, args.expert)
+    note = f" (expert {args.expert})" if args.expert is not None else _task_note(args.task)
+    print(f"merged model{note} written to {os.path.abspath(args.out_dir)}")
     return 0
 
 
 def _export_peft(args) -> int:
     from .export import export_dir
 
-    export_dir(args.adapter_dir, args.out_dir, args.task)
-    print(f"PEFT LoRA adapter{_task_note(args.task)} written to {os.path.abspath(args.out_dir)}")
+    export_dir(args.adapter_dir, args.out_dir, args.task, args.expert)
+    note = f" (expert {args.expert})" if args.expert is not None else _task_note(args.task)
+    print(f"PEFT LoRA adapter{note} written to {os.path.abspath(args.out_dir)}")
     return 0
 
 
@@ -75,24 +78,34 @@ def _add_task_option(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="tensorft", description="Tensor-factorized adapters for LLM fine-tuning.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"tensorft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     p = sub.add_parser("params", help="count adapter parameters from a config (no weights read)")
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=_params)
 
-    p = sub.add_parser("merge", help="merge an adapter into its base and write a dense HF model")
-    p.add_argument("adapter_dir")
-    p.add_argument("out_dir")
+    p = sub.add_parser("merge", help="merge an adapter into its base and write a dense HF model",
+                       description="Reload the adapter's base model, add the adapter's update to its weights "
+                       "and write a plain Hugging Face model (loads with AutoModelForCausalLM.from_pretrained).")
+    p.add_argument("adapter_dir", help="a tensorft adapter directory (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("out_dir", help="where the merged model goes; must not exist or be empty")
     _add_task_option(p)
+    p.add_argument("--expert", default=None, metavar="NAME", help="ttmoe: the one expert to merge")
     p.set_defaults(func=_merge)
 
-    p = sub.add_parser("export-peft", help="write an adapter as a standard PEFT LoRA adapter")
-    p.add_argument("adapter_dir")
-    p.add_argument("out_dir")
+    p = sub.add_parser("export-peft", help="write an adapter as a standard PEFT LoRA adapter",
+                       description="Write the adapter as the exactly equal PEFT LoRA adapter (for "
+                       "peft.PeftModel.from_pretrained, or lm_eval --model hf --model_args "
+                       "pretrained=BASE,peft=OUT_DIR).")
+    p.add_argument("adapter_dir", help="a tensorft adapter directory (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("out_dir", help="where the PEFT adapter goes; must not exist or be empty")
     _add_task_option(p)
+    p.add_argument("--expert", default=None, metavar="NAME", help="ttmoe: the one expert to write")
     p.set_defaults(func=_export_peft)
     return parser
 
@@ -101,7 +114,11 @@ def run(argv=None) -> int:
     """Run a command; user errors become one line on stderr and exit code 2."""
     from .errors import TensorftError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # bare `tensorft`: what it can do, not an error line
+        parser.print_help()
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except TensorftError as e:

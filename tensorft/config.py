@@ -96,7 +96,7 @@ class AdapterConfig:
         return f"this adapter has no task names; its task ids are 0..{self.options.n_tasks - 1}"
 
 
-DataFormat = Literal["alpaca", "messages", "prompt-completion", "text", "preference", "multiple-choice"]
+DataFormat = Literal["alpaca", "messages", "prompt-completion", "text", "preference", "multiple-choice", "classification"]
 
 
 @dataclass
@@ -403,6 +403,14 @@ def _check_format(cfg: Config, fmt: str, columns: dict, key: str) -> None:
         raise ConfigError(f"{fmt_key}: dpo needs preference data (prompt, chosen, rejected), got {fmt!r}")
     if cfg.train.objective == "sft" and fmt == "preference":
         raise ConfigError(f"{fmt_key}: preference data is for train.objective: dpo")
+    model_given = bool(cfg.model.name_or_path)  # else it comes with the adapter (ttmoe's experts), checked there
+    if model_given and (cfg.model.task == "seq-cls") != (fmt == "classification"):  # a head's labels, or tokens
+        raise ConfigError(
+            f"{fmt_key}: model.task: seq-cls trains on classification rows (text, label), got {fmt!r}"
+            if cfg.model.task == "seq-cls" else f"{fmt_key}: classification rows need model.task: seq-cls"
+        )
+    if fmt == "classification" and cfg.train.objective != "sft":
+        raise ConfigError(f"{fmt_key}: classification rows train with train.objective: sft (cross-entropy on the label)")
 
 
 def _check_tasks(cfg: Config) -> None:

@@ -14,6 +14,7 @@ preference         prompt, chosen, rejected (strings or   the same (DPO)
                    message lists)
 multiple-choice    prompt, options (list of strings),     prompt, completion = the gold option
                    gold (index into options)              (appended as written: mind the space)
+classification     text, label (class index)              text, label (``model.task: seq-cls``)
 =================  =====================================  ==================================
 
 ``data.columns`` maps a field to a differently named column (``{prompt: input}``).
@@ -124,6 +125,21 @@ def multiple_choice(row: dict) -> dict:
     return {"prompt": _text(row, "prompt"), "completion": options[gold]}
 
 
+def classification(row: dict) -> dict:
+    label = row.get("label")
+    if isinstance(label, str) and label.strip().isdigit():  # csv cells are strings
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        raise RowError(f"field 'label' must be a class index (an integer >= 0), got {label!r}")
+    return {"text": _text(row, "text"), "label": label}
+
+
+def choice_row(row: dict) -> dict:
+    """A multiple-choice row as rank classification scores it: checked as for training."""
+    multiple_choice(row)
+    return {"prompt": row["prompt"], "options": list(row["options"]), "gold": row["gold"]}
+
+
 CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "alpaca": alpaca,
     "messages": messages,
@@ -131,6 +147,7 @@ CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "text": text,
     "preference": preference,
     "multiple-choice": multiple_choice,
+    "classification": classification,
 }
 FORMATS = tuple(CONVERTERS)
 # The fields each format reads (what data.columns may map).
@@ -141,6 +158,7 @@ FIELDS = {
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
     "multiple-choice": ("prompt", "options", "gold"),
+    "classification": ("text", "label"),
 }
 
 
@@ -195,13 +213,15 @@ def is_local(source: str) -> bool:
 
 
 def read_rows(
-    source: str, fmt: str, key: str = "data.train", limit: int | None = None, columns: dict[str, str] | None = None
+    source: str, fmt: str, key: str = "data.train", limit: int | None = None, columns: dict[str, str] | None = None,
+    convert: Callable[[dict], dict] | None = None,
 ) -> list[dict]:
-    """Rows of a local file (or a hub dataset id), converted to the trainer's columns.
-    ``columns`` maps a format field to the column holding it."""
+    """Rows of a local file (or a hub dataset id), converted to the trainer's columns (or by
+    ``convert``, which raises RowError as the format's converter does). ``columns`` maps a
+    format field to the column holding it."""
     if fmt not in CONVERTERS:
         raise TensorftError(f"data.format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    convert = CONVERTERS[fmt]
+    convert = convert or CONVERTERS[fmt]
     columns = columns or {}
     section = key.rsplit(".", 1)[0]  # data, or data.tasks.NAME: where format and columns are set
     out = []
@@ -255,6 +275,11 @@ def load_dataset(
     it, where every rank finds what the main process wrote; an in-memory dataset would cache
     into a private temporary directory per process."""
     return rows_to_dataset(read_rows(source, fmt, key, limit, columns))
+
+
+def read_choice_rows(source: str, key: str, limit: int | None = None, columns: dict[str, str] | None = None) -> list[dict]:
+    """Multiple-choice rows with their options and gold index (``prompt``, ``options``, ``gold``)."""
+    return read_rows(source, "multiple-choice", key, limit, columns, convert=choice_row)
 
 
 def rows_to_dataset(rows: list[dict]):

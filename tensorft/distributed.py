@@ -129,3 +129,16 @@ def sharding_report(model: nn.Module) -> dict:
         part["tensors"] += 1
         part["sharded_tensors"] += int(local < full)
     return report
+
+
+def decided_by_main(decide):
+    """``decide()`` on rank 0, its result on every rank: a decision every rank must share (which
+    checkpoint to resume from) must not rest on each rank's own view of a shared filesystem,
+    which can lag (NFS attribute caches, a checkpoint's marker written a moment ago)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
+    box = [decide() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)  # gloo and nccl both: a pickled object
+    return box[0]

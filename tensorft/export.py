@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .errors import TensorftError
-from .model import adapter_parameters, fixed_task, merge_and_unload, root_of, unwrap
+from .model import adapter_parameters, expert_id, fixed_task, merge_and_unload, root_of, unwrap
 from .registry import adapter_kind
 from .saving import describe_base, from_pretrained, new_output_dir, read_adapter_config, save_safetensors
 
@@ -49,18 +49,27 @@ def peft_tensors(model: nn.Module, task_id: int | None = None) -> tuple[dict[str
     return tensors, (1.0 if fold else scales.pop()) * rank
 
 
-def export_peft(model: nn.Module, out_dir: str, task: str | int | None = None) -> str:
+def export_peft(model: nn.Module, out_dir: str, task: str | int | None = None, expert: str | None = None) -> str:
     """Write ``out_dir`` as a PEFT LoRA adapter (``PeftModel.from_pretrained`` loads it).
 
     ``task``: for a task-routed kind, the task (a name from the adapter's ``tasks``) whose
-    rank-r LoRA is exported, exactly; static kinds take none."""
+    rank-r LoRA is exported, exactly; static kinds take none. ``expert``: for ttmoe, the
+    expert (its name) exported alone, exactly as its own tt adapter would be."""
     from peft import LoraConfig
 
     model = unwrap(model)
     root = root_of(model)
-    task_id = fixed_task(root.config, root.kind, task, "export")
+    if expert is not None:
+        task_id = expert_id(root.kind, expert)  # an expert's update: the layers' task_lora_factors
+    else:
+        task_id = fixed_task(root.config, root.kind, task, "export")
     with torch.no_grad():
         tensors, lora_alpha = peft_tensors(model, task_id)
+    heads = {}
+    if expert is not None and hasattr(root.kind, "expert_modules"):  # ttmoe seq-cls: the expert's own head
+        heads = root.kind.expert_modules(model, task_id)
+        tensors.update({PEFT_PREFIX + name: _own_copy(t) for name, t in heads.items()})
+    to_save = list(root.config.modules_to_save) + sorted({name.rsplit(".", 1)[0] for name in heads})
     base_name, model_section = describe_base(model)
     peft_config = LoraConfig(
         r=root.config.rank,
@@ -68,7 +77,7 @@ def export_peft(model: nn.Module, out_dir: str, task: str | int | None = None) -
         lora_dropout=root.config.dropout,
         # Full module names: exactly the layers tensorft adapted, nothing else.
         target_modules=sorted(root.layers),
-        modules_to_save=list(root.config.modules_to_save) or None,
+        modules_to_save=to_save or None,
         bias="none",
         task_type="SEQ_CLS" if model_section["task"] == "seq-cls" else "CAUSAL_LM",
         base_model_name_or_path=base_name or None,
@@ -79,28 +88,34 @@ def export_peft(model: nn.Module, out_dir: str, task: str | int | None = None) -
     return out_dir
 
 
-def check_fixed_task(adapter_dir: str, task: str | int | None, purpose: str) -> None:
-    """:func:`fixed_task` from ``adapter_config.json`` alone: bad input is reported before any
-    weight is read."""
+def check_fixed_task(adapter_dir: str, task: str | int | None, purpose: str, expert: str | None = None) -> None:
+    """:func:`fixed_task` (or the ``expert``'s name) from ``adapter_config.json`` alone: bad
+    input is reported before any weight is read."""
     adapter, _, _ = read_adapter_config(adapter_dir)
-    fixed_task(adapter, adapter_kind(adapter.kind), task, purpose)
+    kind = adapter_kind(adapter.kind)
+    if expert is None:
+        fixed_task(adapter, kind, task, purpose)
+    else:
+        expert_id(kind(adapter, None) if hasattr(kind, "expert_id") else kind, expert)
 
 
-def export_dir(adapter_dir: str, out_dir: str, task: str | int | None = None) -> str:
-    """``tensorft export-peft``: load the adapter, export it (``task`` as in :func:`export_peft`)."""
-    check_fixed_task(adapter_dir, task, "export")
-    return export_peft(from_pretrained(adapter_dir), out_dir, task)
+def export_dir(adapter_dir: str, out_dir: str, task: str | int | None = None, expert: str | None = None) -> str:
+    """``tensorft export-peft``: load the adapter, export it (``task``, ``expert`` as in
+    :func:`export_peft`)."""
+    check_fixed_task(adapter_dir, task, "export", expert)
+    return export_peft(from_pretrained(adapter_dir), out_dir, task, expert)
 
 
-def merge_to_dir(adapter_dir: str, out_dir: str, task: str | int | None = None, **model_kwargs) -> str:
-    """Load base + adapter in full precision, merge (``task``: a task-routed kind's task), and
-    save a dense HF model directory."""
-    check_fixed_task(adapter_dir, task, "merge")
+def merge_to_dir(adapter_dir: str, out_dir: str, task: str | int | None = None, expert: str | None = None,
+                 **model_kwargs) -> str:
+    """Load base + adapter in full precision, merge (``task``: a task-routed kind's task;
+    ``expert``: ttmoe's one expert), and save a dense HF model directory."""
+    check_fixed_task(adapter_dir, task, "merge", expert)
     _, model_cfg, _ = read_adapter_config(adapter_dir)
     model_kwargs.setdefault("quantization", "none")  # merge into full-precision weights
     with new_output_dir(out_dir) as tmp:
         model = from_pretrained(adapter_dir, **model_kwargs)
-        model = merge_and_unload(model, task)
+        model = merge_and_unload(model, task, expert)
         model.save_pretrained(tmp)
         _copy_tokenizer(model_cfg.name_or_path, tmp)
     return out_dir

@@ -56,6 +56,30 @@ def check_source(name_or_path: str) -> None:
         raise ConfigError(f"model.name_or_path: {name_or_path} is not a directory")
 
 
+def _cannot_load(what: str, name: str, e: Exception) -> TensorftError:
+    """One line naming the key and where ``name`` was looked for: a local directory (resolved)
+    or, failing that, a hub id (often: offline, or a mistyped path taken for an id)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if os.path.isdir(os.path.expanduser(name)):
+        return TensorftError(f"model.name_or_path: cannot load the {what} of {name}: {first}")
+    resolved = os.path.abspath(os.path.expanduser(name))
+    return TensorftError(f"model.name_or_path: {name}: no directory {resolved}, and as a hub id: {first}")
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    """The base model's tokenizer (a pad token set to EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    check_source(model_cfg.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:  # hub errors are OSErrors; a directory without tokenizer files, ValueError
+        raise _cannot_load("tokenizer", model_cfg.name_or_path, e) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base_model(model_cfg: ModelConfig, **hf_kwargs):
     """The base model for ``model_cfg`` (weights loaded, quantized if asked)."""
     check_source(model_cfg.name_or_path)
@@ -68,8 +92,7 @@ def load_base_model(model_cfg: ModelConfig, **hf_kwargs):
     try:
         return auto_class(model_cfg).from_pretrained(model_cfg.name_or_path, **kwargs)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TensorftError(f"model.name_or_path: cannot load {model_cfg.name_or_path}: {first}") from None
+        raise _cannot_load("weights", model_cfg.name_or_path, e) from None
 
 
 def build_meta_model(model_cfg: ModelConfig):

@@ -354,9 +354,21 @@ def _end_call(model, args, output):
     model.tensorft.state.end_call()
 
 
+_SIGNATURES: dict = {}  # forward function -> signature: inspect.signature costs ~0.1-0.3 ms a call
+
+
+def _forward_signature(model: nn.Module) -> inspect.Signature:
+    function = getattr(model.forward, "__func__", None)  # None: a wrapper set on the instance
+    if function is None:
+        return inspect.signature(model.forward)
+    if function not in _SIGNATURES:
+        _SIGNATURES[function] = inspect.signature(model.forward)  # bound: without self
+    return _SIGNATURES[function]
+
+
 def _named_arguments(model: nn.Module, args, kwargs) -> dict:
     """The forward's arguments by name (positional ``input_ids`` too), ``**kwargs`` flattened."""
-    signature = inspect.signature(model.forward)
+    signature = _forward_signature(model)
     bound = signature.bind_partial(*args, **kwargs).arguments
     extra = next((n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
     return {**{k: v for k, v in bound.items() if k != extra}, **bound.get(extra, {})}
@@ -455,13 +467,22 @@ def fixed_task(config: AdapterConfig, kind, task: str | int | None, purpose: str
     return task_id
 
 
-def merge(model: nn.Module, task: str | int | None = None) -> nn.Module:
+def expert_id(kind, expert: str) -> int:
+    """The id of a mixture-of-experts kind's expert (ttmoe: ``--expert NAME``)."""
+    lookup = getattr(kind, "expert_id", None)
+    if lookup is None:
+        raise TensorftError(f"adapter kind {kind.name!r} has no experts; drop --expert")
+    return lookup(expert)
+
+
+def merge(model: nn.Module, task: str | int | None = None, expert: str | None = None) -> nn.Module:
     """Add every update into its base weight (forward then skips the adapter path).
 
     ``task``: for a task-routed kind, the task whose rank-r LoRA is merged (exact: the model
-    then computes what the adapter computes with that task id)."""
+    then computes what the adapter computes with that task id). ``expert``: for ttmoe, the one
+    expert merged (what its own tt adapter merges)."""
     root = root_of(model)
-    task_id = fixed_task(root.config, root.kind, task, "merge")
+    task_id = expert_id(root.kind, expert) if expert is not None else fixed_task(root.config, root.kind, task, "merge")
     for layer in root.layers.values():
         layer.check_mergeable()  # all or nothing: fail before any weight changed
     for layer in root.layers.values():
@@ -475,12 +496,16 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module, task: str | int | None = None) -> nn.Module:
-    """Merge (``task``: as in :func:`merge`), then put the plain base layers back and drop
-    tensorft: a dense HF model."""
+def merge_and_unload(model: nn.Module, task: str | int | None = None, expert: str | None = None) -> nn.Module:
+    """Merge (``task``, ``expert``: as in :func:`merge`), then put the plain base layers back and
+    drop tensorft: a dense HF model."""
     model = unwrap(model)
-    merge(model, task)
+    merge(model, task, expert)
     root = root_of(model)
+    if expert is not None and hasattr(root.kind, "expert_modules"):  # ttmoe seq-cls: the expert's own head
+        with torch.no_grad():
+            for name, t in root.kind.expert_modules(model, expert_id(root.kind, expert)).items():
+                model.get_parameter(name).copy_(t)
     for name, layer in root.layers.items():
         _set_submodule(model, name, layer.base_layer)
     for handle in root.hook_handles:

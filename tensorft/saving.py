@@ -33,16 +33,54 @@ META_KEYS = ("tensorft_version", "base_model_name_or_path", "base_model_class", 
 # --------------------------------------------------------------------------- atomic writes
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain ``open`` / ``mkdir`` would give: mkstemp / mkdtemp create 0600 / 0700,
+    which would hide adapters and reports from colleagues on a shared cluster."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def fsync_path(path: str) -> None:
+    """Flush a file's (or a directory's entries') data to the disk. A rename is atomic but not
+    durable: after a node crash the new name can point at a file whose data never reached disk,
+    unless the file is synced before the rename and its directory after."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str) -> None:
+    """fsync every file under ``root``, then every directory (deepest first). A file another
+    rank renames or removes meanwhile (its own atomic write) is that rank's to sync."""
+    for directory, _, files in sorted(os.walk(root), key=lambda entry: -entry[0].count(os.sep)):
+        for path in [*(os.path.join(directory, name) for name in files), directory]:
+            try:
+                fsync_path(path)
+            except FileNotFoundError:
+                pass
+
+
 @contextlib.contextmanager
 def atomic_file(path: str) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success, with its
+    data and then the rename flushed to disk."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.fchmod(fd, umask_mode())
     os.close(fd)
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(directory)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -60,11 +98,14 @@ def new_output_dir(path: str) -> Iterator[str]:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    os.chmod(tmp, umask_mode(directory=True))
     try:
         yield tmp
+        fsync_tree(tmp)
         if os.path.isdir(path):
             os.rmdir(path)  # empty, checked above
         os.replace(tmp, path)
+        fsync_path(parent)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -151,6 +192,8 @@ def save(model: nn.Module, out_dir: str, tensors: dict[str, torch.Tensor] | None
         "base_model_class": model_class(model).__name__,
         "model": model_section,
     }
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TensorftError(f"{out_dir}: exists and is not a directory; an adapter is saved into a directory")
     os.makedirs(out_dir, exist_ok=True)
     # Weights first, config last: a directory with a config always has matching weights.
     weights = tensors if tensors is not None else adapter_state_dict(model)
@@ -202,16 +245,36 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str) -> nn.Module:
     return model
 
 
+def _hf_dtype(kwargs: dict) -> None:
+    """Hugging Face's ways of naming the dtype (``dtype=torch.bfloat16``, the older
+    ``torch_dtype=``, ``"auto"``) as the ``model.dtype`` key (a name); ``torch_dtype`` would
+    otherwise reach ``from_pretrained`` beside the saved dtype and lose to it in silence."""
+    if "torch_dtype" in kwargs:
+        alias = kwargs.pop("torch_dtype")
+        if kwargs.get("dtype") is not None and kwargs["dtype"] != alias:
+            raise TensorftError(f"dtype={kwargs['dtype']} and torch_dtype={alias} disagree; give one")
+        kwargs["dtype"] = alias
+    if "dtype" not in kwargs:
+        return
+    value = kwargs["dtype"]
+    if value is None or value == "auto":  # the dtype the adapter was trained with
+        del kwargs["dtype"]
+    elif isinstance(value, torch.dtype):
+        kwargs["dtype"] = str(value).removeprefix("torch.")
+
+
 def from_pretrained(adapter_dir: str, **model_kwargs) -> nn.Module:
     """Load the base model named in ``adapter_dir`` and attach the saved adapter.
 
     Keyword arguments that are ``model:`` config keys (``quantization``, ``dtype``,
     ``name_or_path``, ...) override the saved ones; the rest go to Hugging Face
-    ``from_pretrained`` (``device_map=...``, say).
+    ``from_pretrained`` (``device_map=...``, say). ``dtype`` (or ``torch_dtype``) may be a
+    ``torch.dtype``, a name or ``"auto"`` (the saved dtype).
     """
     from .loading import load_base_model
 
     adapter, model_cfg, _ = read_adapter_config(adapter_dir)
+    _hf_dtype(model_kwargs)
     overrides = {k: model_kwargs.pop(k) for k in list(model_kwargs) if k in ModelConfig.__dataclass_fields__}
     if overrides:
         model_cfg = from_dict(ModelConfig, {**dataclasses.asdict(model_cfg), **overrides}, "model")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import yaml
@@ -49,6 +50,8 @@ def load_data_and_tasks(cfg: Config):
     d = cfg.data
     if d.tasks and cfg.adapter.init_from:
         return with_new_task_id(cfg, *load_tasks(d, cfg.train.seed))
+    if d.tasks and cfg.adapter.tasks and cfg.adapter.tasks != list(d.tasks):
+        return with_adapter_task_ids(cfg, *load_tasks(d, cfg.train.seed))
     if d.tasks:
         return load_tasks(d, cfg.train.seed)
     if not d.train:
@@ -66,6 +69,11 @@ def resolve_tasks(cfg: Config) -> None:
     """Give the adapter the task names (saved with it) and, for routed kinds, their number;
     a routed kind needs a multi-task config (it reads a task id per row). A few-shot config
     (``adapter.init_from``) takes the saved adapter instead (:func:`resolve_fewshot`)."""
+    from .registry import adapter_kind
+
+    own = getattr(adapter_kind(cfg.adapter.kind), "resolve_config", None)
+    if own is not None:  # a kind whose tasks come from elsewhere (ttmoe: its experts)
+        return own(cfg)
     if cfg.adapter.init_from:
         return resolve_fewshot(cfg)
     if cfg.adapter.fewshot:
@@ -161,6 +169,21 @@ def with_new_task_id(cfg: Config, train, evaluation, tasks):
     return relabel(train), evaluation, tasks
 
 
+def with_adapter_task_ids(cfg: Config, train, evaluation, tasks):
+    """The adapter orders its tasks otherwise than data.tasks (ttmoe: its experts' order, the
+    data naming some of them): a row's id becomes its task's index in ``adapter.tasks``."""
+    ids = [cfg.adapter.tasks.index(name) for name in cfg.data.tasks]
+
+    def relabel(ds, new_id=None):
+        column = [new_id] * len(ds) if new_id is not None else [ids[i] for i in ds["task_ids"]]
+        return ds.remove_columns("task_ids").add_column("task_ids", column)
+
+    for name, info in tasks["tasks"].items():
+        info["id"] = cfg.adapter.tasks.index(name)
+    evaluation = evaluation and {name: relabel(ds, cfg.adapter.tasks.index(name)) for name, ds in evaluation.items()}
+    return relabel(train), evaluation, tasks
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -184,9 +207,11 @@ def check_distributed(cfg: Config) -> None:
             f"model.quantization: {cfg.model.quantization} bases cannot be sharded by DeepSpeed ZeRO-3; "
             "use zero_stage: 2 or ddp"
         )
-    if strategy in ("fsdp", "deepspeed") and "RANK" not in os.environ:
+    if strategy in ("ddp", "fsdp", "deepspeed") and "RANK" not in os.environ:
+        # plain `python` would train one process and say nothing (ddp) or fail late (the others)
         raise ConfigError(
-            f"distributed.strategy: {strategy} needs a distributed launch (torchrun --nproc_per_node N, or deepspeed)"
+            f"distributed.strategy: {strategy} needs a distributed launch (torchrun --nproc_per_node N, or deepspeed); "
+            "plain python runs one process: use strategy none"
         )
 
 
@@ -234,6 +259,12 @@ def training_arguments(cfg: Config, checkpoints_dir: str):
         # FSDP2: the Trainer leaves a self-sharded model's optimizer to us (AdapterTrainerMixin).
         save_only_model=cfg.distributed.strategy == "fsdp",
     )
+    from .registry import adapter_kind
+
+    if getattr(adapter_kind(cfg.adapter.kind), "router_only_training", False):
+        # ttmoe: the router trains on an aux loss, which is not in the model's outputs, so DDP's
+        # search for unused parameters from the outputs would mark it unused (then "ready twice")
+        common["ddp_find_unused_parameters"] = False
     if deepspeed:
         common["deepspeed"] = deepspeed_config(cfg)
         if cpu:
@@ -289,16 +320,14 @@ def deepspeed_config(cfg: Config) -> dict:
     return ds
 
 
-def build_model(cfg: Config):
-    from transformers import AutoTokenizer
-
-    from .loading import load_base_model
+def build_model(cfg: Config, tokenizer=None):
+    from .loading import load_base_model, load_tokenizer
     from .model import attach
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
     model = load_base_model(cfg.model)
+    if cfg.model.task == "seq-cls":
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoder heads pool at the last non-pad token
     attach(model, cfg.adapter)
     if cfg.adapter.init_from:
         start_fewshot(model)
@@ -315,6 +344,11 @@ def make_trainer(cfg: Config, model, tokenizer, args, train_ds, eval_ds, callbac
     from .trainers import TensorftDPOTrainer, TensorftSFTTrainer
 
     trainer_cls = TensorftDPOTrainer if cfg.train.objective == "dpo" else TensorftSFTTrainer
+    if cfg.model.task == "seq-cls":  # trl's trainers are for language modelling: a plain Trainer
+        from .trainers import TensorftClassificationTrainer, tokenize_classification
+
+        train_ds, eval_ds = tokenize_classification(tokenizer, cfg.train.max_length, train_ds, eval_ds)
+        trainer_cls = TensorftClassificationTrainer
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -339,6 +373,104 @@ def report_tasks(out: str, tasks: dict | None) -> None:
     write_json(os.path.join(out, "tasks.json"), tasks)
 
 
+def report_accuracy(out: str, step: int, accuracy: dict[str, float]) -> None:
+    """The final held-out accuracies: printed, and kept in ``eval_results.json``."""
+    from .saving import write_json
+
+    if not _is_main():
+        return
+    named = ", ".join(f"{k.removeprefix('eval_').removesuffix('accuracy').rstrip('_') or 'eval'} {v:.4f}"
+                      for k, v in accuracy.items())
+    print(f"tensorft: held-out accuracy (rank classification): {named}", file=sys.stderr)
+    write_json(os.path.join(out, "eval_results.json"), {"step": step, **accuracy})
+
+
+# Keys a resumed run may change: how long it trains, how often it logs, saves and evaluates,
+# and where the run directory now is.
+RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.save_steps", "train.logging_steps",
+                  "train.eval_steps", "train.save_total_limit", "train.output_dir")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumed_config(cfg: Config) -> None:
+    """A run that would resume from output_dir's checkpoints must be the run that wrote them:
+    another config is refused before config.yaml (or anything else) is overwritten. Called once
+    the model and trainer are built, when ``cfg`` is complete as config.yaml records it."""
+    from .distributed import decided_by_main
+
+    out = cfg.train.output_dir
+    differing = decided_by_main(lambda: _differences_from_saved_run(cfg))  # every rank refuses, or none
+    if differing:
+        shown = "; ".join(f"{key}: {there!r} there, {now!r} now" for key, there, now in differing)
+        raise TensorftError(
+            f"train.output_dir: {out} holds an unfinished run of another config ({shown}); rerun with that "
+            "config to resume it, or choose another output_dir"
+        )
+
+
+def _differences_from_saved_run(cfg: Config) -> list[tuple]:
+    from .trainers import newest_complete_checkpoint
+
+    out = cfg.train.output_dir
+    saved_path = os.path.join(out, "config.yaml")
+    if not os.path.isfile(saved_path) or newest_complete_checkpoint(os.path.join(out, "checkpoints")) is None:
+        return []
+    with open(saved_path, encoding="utf-8") as f:
+        saved = _flat(yaml.safe_load(f) or {})
+    now = _flat(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))  # as config.yaml would hold it
+    return [
+        (key, saved[key], value)
+        for key, value in now.items()
+        if key not in RESUMABLE_KEYS and key in saved and saved[key] != value
+    ]
+
+
+def check_chat_template(cfg: Config, tokenizer, *datasets) -> None:
+    """Message rows (data.format messages, or message lists) are rendered with the tokenizer's
+    chat template; without one trl fails deep inside, after the model has loaded."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    for ds in datasets:
+        for one in (ds.values() if isinstance(ds, dict) else [ds]):
+            if one is None or len(one) == 0:
+                continue
+            row = one[0]
+            if any(isinstance(row.get(k), list) for k in ("prompt", "completion", "chosen", "rejected")):
+                raise ConfigError(
+                    f"data.format: {cfg.data.format}: these rows are chat messages, but the tokenizer of "
+                    f"{cfg.model.name_or_path} has no chat template; use a chat model's tokenizer, or "
+                    "plain-string rows (prompt-completion, alpaca, text)"
+                )
+
+
+def report_lengths(cfg: Config, report: dict) -> None:
+    """Rows the trainer truncated at ``train.max_length`` or dropped (nothing left to learn):
+    trl does both without a word."""
+    for name, (rows, truncated, dropped) in report.items():
+        if truncated or dropped:
+            which = "training" if name == "train" else f"evaluation ({name})"
+            print(
+                f"tensorft: train.max_length {cfg.train.max_length}: {truncated} of {rows} {which} rows are longer "
+                f"and were truncated; {dropped} of them were dropped (no completion token left within the limit)",
+                file=sys.stderr,
+            )
+
+
+def report_final_eval(metrics: dict) -> None:
+    if _is_main():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("loss", "accuracy")))
+        print(f"tensorft: evaluation at the end of training: {shown}", file=sys.stderr)
+
+
 def run(cfg: Config) -> int:
     """Train; returns the process exit code (0 done, 128 + signal when stopped by one)."""
     from transformers.integrations import TensorBoardCallback
@@ -351,21 +483,43 @@ def run(cfg: Config) -> int:
     check_distributed(cfg)
     resolve_tasks(cfg)
     train_ds, eval_ds, tasks = load_data_and_tasks(cfg)  # bad data fails before any model is loaded
+    from .loading import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)  # a wrong path or an offline hub id: one line, before the model
+    check_chat_template(cfg, tokenizer, train_ds, eval_ds)
+    from .choice_eval import choice_sets
+
+    choices = choice_sets(cfg)  # multiple-choice eval rows: held-out accuracy by rank classification
+    from .intuition import add_intuition, describe
+
+    # T-REX: each example's intuition scores become a column the collator carries to the model
+    # (before the distributed set-up: see add_intuition)
+    train_ds, eval_ds, intuition = add_intuition(cfg, train_ds, eval_ds, tokenizer)
     out = cfg.train.output_dir
     checkpoints = os.path.join(out, "checkpoints")
     args = training_arguments(cfg, checkpoints)
     _ = args.world_size  # sets up the process group now: ZeRO-3 partitions while the model loads
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(cfg, tokenizer)
+    if intuition is not None:
+        from .model import root_of
+
+        root_of(model).kind.set_intuition(model, intuition.centroids)  # saved with the adapter
+        if _is_main():
+            print(describe(intuition), file=sys.stderr)
+
+    callbacks = [MetricsCallback(os.path.join(out, "metrics.jsonl"))]
+    # The trainer prepares (and may refuse) the data: only then is anything written to output_dir.
+    trainer = make_trainer(cfg, model, tokenizer, args, train_ds, eval_ds, callbacks)
+    trainer.choice_sets = choices
+    check_resumed_config(cfg)  # every rank; the config as built, as the earlier run saved it
+    signals = CheckpointOnSignal()  # from here on: handlers restored once training ends (below)
+    trainer.add_callback(signals)
     if _is_main():
+        report_lengths(cfg, getattr(trainer, "length_report", {}))
         os.makedirs(out, exist_ok=True)
         write_text(os.path.join(out, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=os.path.join(out, "tensorboard"))))
     report_tasks(out, tasks)
-
-    signals = CheckpointOnSignal()
-    callbacks = [signals, MetricsCallback(os.path.join(out, "metrics.jsonl"))]
-    if _is_main():
-        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=os.path.join(out, "tensorboard"))))
-    trainer = make_trainer(cfg, model, tokenizer, args, train_ds, eval_ds, callbacks)
     if cfg.distributed.strategy == "fsdp":
         from .distributed import shard_fsdp2
 
@@ -373,14 +527,29 @@ def run(cfg: Config) -> int:
         # optimizer exists; after attach, so the adapter is sharded too.
         shard_fsdp2(model)
     trainer.add_callback(RunInfoCallback(os.path.join(out, "run_info.json"), cfg.distributed.strategy))
-    resume = newest_complete_checkpoint(checkpoints)
+    from .distributed import decided_by_main
+
+    resume = decided_by_main(lambda: newest_complete_checkpoint(checkpoints))  # one answer for every rank
     if resume and _is_main():
         print(f"tensorft: resuming from {resume}", file=sys.stderr)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        signals.restore()  # also after a second Ctrl-C (KeyboardInterrupt)
     if signals.received is not None:
-        print(f"tensorft: stopped by signal {signals.received}; checkpoint written to {checkpoints}", file=sys.stderr)
+        name = signal.Signals(signals.received).name
+        print(f"tensorft: stopped by {name}; checkpoint written to {checkpoints} (rerun to resume)", file=sys.stderr)
         return 128 + signals.received
+    if has_eval(cfg) and not cfg.train.eval_steps:  # data.eval without eval_steps: evaluated at the end
+        report_final_eval(trainer.evaluate())  # every rank (collective); logged to metrics.jsonl
     trainer.save_model(out)  # every rank: a sharded adapter is gathered first
+    if choices:
+        report_accuracy(out, trainer.state.global_step, trainer.evaluate_choices())
+    from .model import root_of
+
+    report = getattr(root_of(model).kind, "after_training", None)
+    if report is not None:  # ttmoe: router accuracy on held-out data (every rank: evaluation is collective)
+        report(trainer, out)
     if _is_main():
         write_text(os.path.join(out, FINISHED), f"{trainer.state.global_step}\n")
         print(f"tensorft: adapter written to {os.path.abspath(out)}")
@@ -406,3 +575,6 @@ def main(argv=None) -> int:
     except TensorftError as e:
         print(f"tensorft: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C during it
+        print("tensorft: interrupted; no checkpoint written by this interruption", file=sys.stderr)
+        return 128 + signal.SIGINT

@@ -15,17 +15,20 @@ import os
 import resource
 import shutil
 import signal
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
+from datasets import Dataset
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import nested_gather
 from trl import DPOTrainer, SFTTrainer
 
 from .distributed import full_adapter_state, is_fsdp2
-from .model import collect_aux_losses, disable_adapters, unwrap
-from .saving import atomic_file, load_adapter_weights, save, write_json, write_text
+from .errors import TensorftError
+from .model import collect_aux_losses, disable_adapters, root_of, unwrap
+from .saving import atomic_file, fsync_tree, load_adapter_weights, save, write_json, write_text
 
 COMPLETE = "COMPLETE"  # written last into a checkpoint directory: only then does it count
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -61,17 +64,22 @@ class TaskIdsCollator:
     """trl's collators build the batch from the keys they know, so a row's ``task_ids`` is taken
     off first and put back as a ``(batch,)`` long tensor, which the model's forward takes
     (``model(..., task_ids=ids)``). ``copies``: DPO's batch holds the rows twice, chosen then
-    rejected, and each copy keeps its row's task."""
+    rejected, and each copy keeps its row's task. T-REX's per-row ``intuition`` scores (a list
+    of K floats) travel the same way, as a ``(batch, K)`` float tensor."""
+
+    ROW_INPUTS = {"task_ids": torch.long, "intuition": torch.float32}  # per-row routing inputs
 
     def __init__(self, inner, copies: int = 1):
         self.inner, self.copies = inner, copies
 
     def __call__(self, features):
-        if not features or "task_ids" not in features[0]:
+        keys = [k for k in self.ROW_INPUTS if features and k in features[0]]
+        if not keys:
             return self.inner(features)
-        ids = torch.tensor([f["task_ids"] for f in features], dtype=torch.long)
-        batch = self.inner([{k: v for k, v in f.items() if k != "task_ids"} for f in features])
-        batch["task_ids"] = ids.repeat(self.copies)
+        rows = {k: torch.tensor([f[k] for f in features], dtype=self.ROW_INPUTS[k]) for k in keys}
+        batch = self.inner([{k: v for k, v in f.items() if k not in rows} for f in features])
+        for k, value in rows.items():
+            batch[k] = torch.cat([value] * self.copies)
         return batch
 
     def __getattr__(self, name):  # the wrapped collator's settings (pad_token_id, ...)
@@ -133,6 +141,7 @@ class AdapterTrainerMixin:
         return self.optimizer
 
     task_names: list[str] = []  # multi-task: logged per task as loss/<name>
+    choice_sets: list = []  # multiple-choice eval sets, scored by rank classification (choice_eval.py)
     rows_per_example = 1  # rows of the model's batch per data row (DPO: chosen and rejected)
 
     # The Trainer sets its collator (trl's) here, and every data loader reads it, DPO's
@@ -148,10 +157,10 @@ class AdapterTrainerMixin:
         self.__dict__["_task_ids_collator"] = collator
 
     def _set_signature_columns_if_needed(self):
-        # remove_unused_columns keeps only the columns trl knows: task ids too.
+        # remove_unused_columns keeps only the columns trl knows: the per-row routing inputs too.
         super()._set_signature_columns_if_needed()
-        if "task_ids" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "task_ids"]
+        extra = [k for k in TaskIdsCollator.ROW_INPUTS if k not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *extra]
 
     # Auxiliary losses (router cross-entropy, load balancing) that routed kinds add during the
     # forward (``state.add_aux_loss``) join the loss here, for SFT and DPO alike, and are
@@ -159,7 +168,10 @@ class AdapterTrainerMixin:
     # runs also log each task's loss, ``loss/<task>``, from the same forward's outputs.
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        per_task = bool(model.training and self.task_names and "task_ids" in inputs)
+        # ttmoe stage 2: the step's forward is a base pass (frozen experts, one-hot gates), so its
+        # LM loss trains nothing; the router's aux loss is the whole objective
+        router_only = model.training and getattr(root_of(model).kind, "router_only_training", False)
+        per_task = bool(model.training and self.task_names and "task_ids" in inputs and not router_only)
         with collect_aux_losses(model) as aux, first_output(model, per_task) as outputs_seen:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if outputs_seen:
@@ -167,6 +179,8 @@ class AdapterTrainerMixin:
         if not aux:
             return result
         loss, outputs = result if return_outputs else (result, None)
+        if router_only:
+            loss = torch.zeros_like(loss)
         # The Trainer divides the loss by the accumulation steps unless it is already normalized
         # over the whole accumulated batch; the aux losses are per-micro-batch means, so they
         # take that division themselves in the second case (see Trainer.training_step).
@@ -224,6 +238,29 @@ class AdapterTrainerMixin:
             if weights[i] > 0
         }
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # The eval loss as the Trainer computes it (per task for a dict of sets), then, on the
+        # top-level call, the held-out accuracy of the multiple-choice sets.
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if eval_dataset is None and metric_key_prefix == "eval" and self.choice_sets:
+            metrics.update(self.evaluate_choices())
+        return metrics
+
+    def evaluate_choices(self) -> dict[str, float]:
+        """Rank-classification accuracy of every multiple-choice set (every rank runs it: a
+        sharded model needs all of them), logged to metrics.jsonl and TensorBoard."""
+        from .choice_eval import evaluate_choices
+
+        done = self.__dict__.get("_choices_scored")
+        if done and done[0] == self.state.global_step:  # the last evaluation was at this step
+            return dict(done[1])
+        metrics = evaluate_choices(
+            self.model, self.processing_class, self.choice_sets, self.args.per_device_eval_batch_size, self.args.device
+        )
+        self._choices_scored = (self.state.global_step, metrics)
+        self.log(dict(metrics))
+        return metrics
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Every rank gathers (sharded adapters: FSDP2, ZeRO-3), rank 0 writes. Only the adapter:
         # the Trainer's own save would consolidate the whole base model under ZeRO-3.
@@ -242,7 +279,8 @@ class AdapterTrainerMixin:
         folder = os.path.join(self.args.output_dir, f"{CHECKPOINT_PREFIX}{self.state.global_step}")
         if is_fsdp2(self.model):
             self._save_fsdp2_training_state(folder)
-        self.accelerator.wait_for_everyone()  # every rank's files are written before COMPLETE
+        fsync_tree(folder)  # each rank flushes what it wrote (the Trainer's and DeepSpeed's files too)
+        self.accelerator.wait_for_everyone()  # every rank's files are on disk before COMPLETE
         if not self.args.should_save:
             return
         write_text(os.path.join(folder, COMPLETE), f"{self.state.global_step}\n")
@@ -263,6 +301,35 @@ class AdapterTrainerMixin:
             with atomic_file(os.path.join(folder, SCHEDULER_FILE)) as tmp:
                 torch.save(self.lr_scheduler.state_dict(), tmp)
         self._save_rng_state(folder)  # one file per rank
+
+    # DeepSpeed writes its engine's whole module into every checkpoint; with a frozen base that
+    # is the base model itself (GBs for a 7B base, and seconds of a preemption's grace period;
+    # transformers leaves frozen weights out for PEFT models only). tensorft's leave them out:
+    # on resume the base is already loaded, so their absence from the checkpoint is expected.
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+
+        # exclude_frozen_parameters misses a tied alias (lm_head.weight of a tied embedding)
+        hook = unwrap(self.model).register_state_dict_post_hook(_drop_frozen)
+        try:
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        finally:
+            hook.remove()
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+
+    def train(self, *args, **kwargs):
+        hook = None
+        if self.is_deepspeed_enabled:  # DeepSpeed loads its checkpoint's module strictly
+            hook = unwrap(self.model).register_load_state_dict_post_hook(_frozen_keys_may_be_missing)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None or not is_fsdp2(self.model):
@@ -286,7 +353,54 @@ class AdapterTrainerMixin:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _frozen_names(module: torch.nn.Module) -> set[str]:
+    return {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _drop_frozen(module: torch.nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: the frozen parameters (tied aliases included) are left out."""
+    for name in _frozen_names(module):
+        state_dict.pop(prefix + name, None)
+
+
+def _frozen_keys_may_be_missing(module: torch.nn.Module, incompatible) -> None:
+    """load_state_dict post-hook: a checkpoint without the frozen base loads strictly."""
+    frozen = _frozen_names(module)
+    incompatible.missing_keys[:] = [key for key in incompatible.missing_keys if key not in frozen]
+
+
+def check_lengths(trainer, name: str, rows: int, truncated: int, dropped: int, max_length: int) -> None:
+    """Keep what the trainer's ``max_length`` did to a data set (``length_report``, printed by the
+    launcher); a set left with no row is refused (trl would fail later, in its sampler)."""
+    trainer.__dict__.setdefault("length_report", {})[name] = (rows, truncated, dropped)
+    if rows and dropped == rows:
+        key = "data.train" if name == "train" else f"data.eval ({name})" if name != "eval" else "data.eval"
+        raise TensorftError(
+            f"train.max_length: {max_length}: no row of {key} fits; in all {rows} rows the prompt alone reaches the "
+            "limit, leaving nothing to learn; raise train.max_length or shorten the prompts"
+        )
+
+
 class TensorftSFTTrainer(AdapterTrainerMixin, SFTTrainer):
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        # trl truncates rows at max_length and drops those left without a label: count both from the
+        # rows' full lengths (tokenized by trl itself, untruncated and unshuffled; datasets caches it)
+        if args.max_length is not None and isinstance(dataset, Dataset):
+            limit, shuffle = args.max_length, args.shuffle_dataset
+            args.max_length, args.shuffle_dataset = None, False
+            try:
+                full = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
+            finally:
+                args.max_length, args.shuffle_dataset = limit, shuffle
+            if "labels" in full.column_names:
+                keep = slice(None, limit) if args.truncation_mode == "keep_start" else slice(-limit, None)
+                labels = full["labels"]
+                truncated = sum(len(row) > limit for row in labels)
+                # packing splits nothing off and drops nothing (bfd truncates long rows)
+                dropped = 0 if packing else sum(all(t == -100 for t in row[keep]) for row in labels)
+                check_lengths(self, dataset_name, len(labels), truncated, dropped, limit)
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
     def row_losses(self, inputs, outputs):
         # trl's fused head: per-token log-probs, zero off the labels; token-weighted like the loss
         mask = outputs.label_mask
@@ -297,6 +411,17 @@ class TensorftDPOTrainer(AdapterTrainerMixin, DPOTrainer):
     """DPO whose reference is the policy with its adapters switched off (no second model)."""
 
     rows_per_example = 2
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        limit = args.max_length
+        if limit is not None and isinstance(dataset, Dataset) and "prompt_ids" in prepared.column_names:
+            # trl drops pairs whose prompt alone fills max_length and truncates the rest in its collator
+            kept = len(prepared)
+            longer = sum(len(p) + max(len(c), len(r)) > limit for p, c, r in
+                         zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"]))
+            check_lengths(self, dataset_name, len(dataset), longer + len(dataset) - kept, len(dataset) - kept, limit)
+        return prepared
 
     def row_losses(self, inputs, outputs):
         # Each pair's loss, for trl's default DPO loss (sigmoid) with precomputed reference log-probs.
@@ -313,6 +438,37 @@ class TensorftDPOTrainer(AdapterTrainerMixin, DPOTrainer):
             return super().compute_ref_log_probs(model, inputs)
 
 
+class TensorftClassificationTrainer(AdapterTrainerMixin, Trainer):
+    """Sequence classification (``model.task: seq-cls``, classification rows): the model's own
+    cross-entropy on its head; evaluation also reports accuracy (``eval_<task>_accuracy``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("compute_metrics", classification_accuracy)
+        super().__init__(*args, **kwargs)
+
+    def row_losses(self, inputs, outputs):
+        losses = F.cross_entropy(outputs.logits.float(), inputs["labels"], reduction="none")
+        return losses, torch.ones_like(losses)
+
+
+def classification_accuracy(prediction) -> dict[str, float]:
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": float((logits.argmax(-1) == prediction.label_ids).mean())}
+
+
+def tokenize_classification(tokenizer, max_length: int, train, evaluation):
+    """Classification rows (text, label) as the model's inputs (input_ids, attention_mask,
+    labels); per-row task ids stay."""
+
+    def tokenize(ds):
+        ds = ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length), batched=True)
+        return ds.remove_columns("text").rename_column("label", "labels")
+
+    evaluation = {name: tokenize(ds) for name, ds in evaluation.items()} if isinstance(evaluation, dict) else (
+        evaluation and tokenize(evaluation))
+    return tokenize(train), evaluation
+
+
 # --------------------------------------------------------------------------- callbacks
 
 
@@ -322,9 +478,19 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def router_health(model) -> tuple[dict[str, float], dict]:
+    """A routed kind's router statistics since the last log (T-REX: per-layer expert usage and
+    its entropy): (scalars for the logs, per-layer usage vectors for metrics.jsonl only)."""
+    if model is None or not hasattr(unwrap(model), "tensorft"):
+        return {}, {}
+    watch = getattr(root_of(model).kind, "router_health", None)
+    return watch(unwrap(model)) if watch is not None else ({}, {})
+
+
 class MetricsCallback(TrainerCallback):
     """Appends step, loss, learning rate, tokens/s, peak memory, the routed kinds' auxiliary
-    losses (``aux/<name>``) and a multi-task run's per-task losses (``loss/<task>``) to
+    losses (``aux/<name>``), a multi-task run's per-task losses (``loss/<task>``) and a
+    token-routed kind's router health (T-REX: ``router/entropy/<layer>``, ``router/usage``) to
     ``metrics.jsonl``."""
 
     def __init__(self, path: str):
@@ -333,14 +499,27 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = (time.perf_counter(), state.num_input_tokens_seen)
+        if state.global_step and state.is_world_process_zero and os.path.isfile(self.path):
+            # resumed: the steps after the checkpoint are logged again by this run
+            with open(self.path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+            write_text(self.path, "".join(kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs:
+        if logs is None:
+            return
+        if "loss" not in logs:  # an evaluation: eval_loss (per task) and held-out accuracies
+            evaluation = {key: value for key, value in logs.items() if key.startswith("eval_")}
+            if evaluation and state.is_world_process_zero:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, **evaluation}) + "\n")
             return
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
         then, before = self._last or (now, tokens)
         self._last = (now, tokens)
         logs["tokens_per_s"] = round((tokens - before) / max(now - then, 1e-9), 1)
+        health, vectors = router_health(kwargs.get("model"))  # every rank: summed over ranks
+        logs.update(health)  # scalars: TensorBoard's callback, called after this one, logs them too
         if not state.is_world_process_zero:
             return
         row = {
@@ -349,7 +528,8 @@ class MetricsCallback(TrainerCallback):
             "learning_rate": logs.get("learning_rate"),
             "tokens_per_s": logs["tokens_per_s"],
             "peak_memory_mb": round(peak_memory_mb(), 1),
-            **{key: value for key, value in logs.items() if key.startswith(("aux/", "loss/"))},
+            **{key: value for key, value in logs.items() if key.startswith(("aux/", "loss/", "router/"))},
+            **vectors,
         }
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -381,21 +561,52 @@ class RunInfoCallback(TrainerCallback):
 
 
 class CheckpointOnSignal(TrainerCallback):
-    """SIGTERM / SIGUSR1 (SLURM preemption): save a checkpoint at the end of the current step,
-    then stop. The launcher exits non-zero so a requeued job resumes from that checkpoint."""
+    """SIGTERM / SIGUSR1 (SLURM preemption) and Ctrl-C (SIGINT): save a checkpoint at the end of
+    the current step, then stop. The launcher exits non-zero (128 + signal) so a requeued job
+    resumes from that checkpoint. A second Ctrl-C stops at once (KeyboardInterrupt, no checkpoint).
+    The previous handlers come back when training ends."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received: int | None = None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt  # asked twice: do not wait for the step and the checkpoint
         self.received = signum
+        if signum == signal.SIGINT:
+            print("\ntensorft: Ctrl-C: writing a checkpoint after this step (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        if self.agreed() is not None:
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def agreed(self) -> int | None:
+        """The signal any rank received, known to every rank at the same step boundary.
+
+        A signal may reach one rank only (``kill`` of one process, a node's own preemption), or
+        reach ranks on different sides of a step boundary; a rank that checkpoints alone then
+        waits forever in the checkpoint's collectives while the others wait in the next step's.
+        So the ranks agree at every step end: one all-reduce (max) of a single integer."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.received
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        flag = torch.tensor([self.received or 0], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.received is None:
+            self.received = int(flag.item())
+        return self.received

@@ -284,7 +284,7 @@ def test_poly_trains_through_the_launcher_on_two_tasks(work, capsys):
     assert launch(config) == 0, capsys.readouterr().err[-2000:]
     assert "training rows per task after equal mixing: alpha 6 (of 8), beta 6 (of 4)" in capsys.readouterr().err
     out = work / "poly"
-    rows = metrics(out)
+    rows = [r for r in metrics(out) if "loss" in r]  # training rows (alpha's eval set is scored at the end)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.1
     assert all({"loss/alpha", "loss/beta"} <= set(r) for r in rows)
     saved = json.loads((out / "adapter_config.json").read_text())
@@ -297,7 +297,7 @@ def test_poly_trains_through_the_launcher_on_two_tasks(work, capsys):
 def test_lora_trains_on_the_same_multitask_config(work, capsys):
     config = write_config(work, "lora-mt", data={"tasks": tasks(work), "mixing": "equal"}, train={"lr": 0.02})
     assert launch(config) == 0, capsys.readouterr().err[-2000:]
-    rows = metrics(work / "lora-mt")
+    rows = [r for r in metrics(work / "lora-mt") if "loss" in r]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.1 and "loss/beta" in rows[-1]
     assert json.loads((work / "lora-mt" / "adapter_config.json").read_text())["tasks"] == ["alpha", "beta"]
 
@@ -319,3 +319,127 @@ def test_bad_input_one_line_exit_2_nothing_written(work, capsys, adapter, data, 
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("tensorft: error: ") and message in lines[-1], lines
     assert not (work / name).exists()
+
+
+# --------------------------------------------------------------------------- held-out accuracy
+
+
+def naive_option_scores(model, tokenizer, rows, task_id):
+    """Each option alone, unpadded: the mean log-probability of its tokens after the prompt."""
+    from tensorft.choice_eval import encode_options
+
+    out = []
+    with torch.no_grad():
+        for row in rows:
+            scores = []
+            for ids, start in encode_options(tokenizer, row["prompt"], row["options"]):
+                logits = model(input_ids=torch.tensor([ids]), task_ids=torch.tensor([task_id])).logits[0]
+                lp = torch.log_softmax(logits.float(), -1)[start - 1:-1].gather(-1, torch.tensor(ids[start:])[:, None])
+                scores.append(lp.mean().item())
+            out.append(scores)
+    return out
+
+
+CHOICE_ROWS = [
+    {"prompt": "Beta: which is red?", "options": [" yes", " no, it is a much longer answer"], "gold": 0},
+    {"prompt": "Beta: is the sky, on a clear day, green?", "options": [" yes", " no", " maybe"], "gold": 1},
+    {"prompt": "Q", "options": [" blue green", " white"], "gold": 1},
+]
+
+
+def test_batched_rank_classification_equals_a_per_option_loop_and_uses_the_task(work):
+    """Left padding, position ids and logits_to_keep change nothing; each task's routing is used."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tensorft
+    from tensorft.choice_eval import ChoiceSet, evaluate_choices, option_scores
+
+    tokenizer = AutoTokenizer.from_pretrained(work / "tiny")
+    model = tensorft.attach(AutoModelForCausalLM.from_pretrained(work / "tiny"),
+                            {"kind": "poly", "rank": 4, "n_skills": 2, "n_tasks": 2, "targets": ["q_proj", "v_proj"]})
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "routing_logits" in name:
+                p.normal_(0, 3.0)  # a trained-looking adapter whose tasks differ
+    model.train()  # evaluation switches to eval mode (sigmoid routing) and back
+    for task in (0, 1):
+        batched = option_scores(model.eval(), tokenizer, CHOICE_ROWS, task, batch_size=4)
+        naive = naive_option_scores(model, tokenizer, CHOICE_ROWS, task)
+        assert [len(s) for s in batched] == [2, 3, 2]
+        assert torch.allclose(torch.tensor(sum(batched, [])), torch.tensor(sum(naive, [])), atol=1e-5)
+    assert option_scores(model, tokenizer, CHOICE_ROWS, 0) != option_scores(model, tokenizer, CHOICE_ROWS, 1)
+    model.train()
+    result = evaluate_choices(model, tokenizer, [ChoiceSet("beta", 1, CHOICE_ROWS), ChoiceSet("b2", 0, CHOICE_ROWS)])
+    assert model.training and set(result) == {"eval_beta_accuracy", "eval_b2_accuracy"}
+    expected = sum(max(range(len(s)), key=s.__getitem__) == r["gold"]
+                   for s, r in zip(naive_option_scores(model, tokenizer, CHOICE_ROWS, 1), CHOICE_ROWS)) / 3
+    assert result["eval_beta_accuracy"] == pytest.approx(expected)
+
+
+def test_multiple_choice_tasks_report_held_out_accuracy_per_task(work, capsys):
+    """eval_<task>_accuracy at every evaluation (metrics.jsonl) and at the end (eval_results.json),
+    equal to scoring the saved adapter again; a non-choice task gets its loss only."""
+    from transformers import AutoTokenizer
+
+    import tensorft
+
+    beta_dev = _jsonl(work / "beta_dev.jsonl", [
+        {"question": row["prompt"], "options": row["options"], "gold": row["gold"]} for row in CHOICE_ROWS])
+    data = {"tasks": tasks(work, beta={"train": str(work / "beta.jsonl"), "eval": beta_dev,
+                                       "format": "multiple-choice", "columns": {"prompt": "question"}})}
+    config = write_config(work, "poly-acc", adapter={"kind": "poly", "n_skills": 2}, data=data,
+                          train={"max_steps": 4, "eval_steps": 2, "lr": 0.02})
+    assert launch(config) == 0, capsys.readouterr().err[-2000:]
+    err = capsys.readouterr().err
+    out = work / "poly-acc"
+    evals = [r for r in metrics(out) if "eval_beta_accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert [r["step"] for r in metrics(out) if "eval_alpha_loss" in r] == [2, 4]  # eval losses reach it too
+    assert not any("eval_alpha_accuracy" in r for r in metrics(out))
+    final = json.loads((out / "eval_results.json").read_text())
+    assert set(final) == {"step", "eval_beta_accuracy"} and final["step"] == 4
+    model = tensorft.from_pretrained(str(out)).eval()
+    scores = naive_option_scores(model, AutoTokenizer.from_pretrained(work / "tiny"), CHOICE_ROWS, 1)
+    right = sum(max(range(len(s)), key=s.__getitem__) == r["gold"] for s, r in zip(scores, CHOICE_ROWS))
+    assert final["eval_beta_accuracy"] == pytest.approx(right / 3)
+    assert f"held-out accuracy (rank classification): beta {right / 3:.4f}" in err
+
+
+def test_relaxed_bernoulli_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(work, capsys):
+    """The routing noise of the resumed steps is the noise the uninterrupted run drew: the
+    checkpoint's RNG state is restored. Without it (rng_state.pth removed) the run ends elsewhere,
+    so the comparison is sensitive to the noise."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    def config(name):
+        return write_config(work, name, adapter={"kind": "tensorpoly1", "tensor_rank": 2},  # relaxed-bernoulli
+                            data={"tasks": tasks(work), "mixing": "equal"},
+                            train={"max_steps": 4, "save_steps": 2, "logging_steps": 1, "lr": 0.02})
+
+    assert launch(config("rb-full")) == 0, capsys.readouterr().err[-2000:]
+    full = load_file(work / "rb-full" / "adapter_model.safetensors")
+
+    def interrupted_after_step_2(name, keep_rng=True):
+        """The output directory as a run killed after checkpoint-2 leaves it."""
+        out = work / name
+        shutil.copytree(work / "rb-full", out)
+        for leftover in ("FINISHED", "adapter_model.safetensors", "adapter_config.json", "checkpoints/checkpoint-4"):
+            path = out / leftover
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if not keep_rng:
+            (out / "checkpoints" / "checkpoint-2" / "rng_state.pth").unlink()
+        assert launch(config(name)) == 0, capsys.readouterr().err[-2000:]
+        assert "resuming from" in capsys.readouterr().err
+        return load_file(out / "adapter_model.safetensors")
+
+    resumed = interrupted_after_step_2("rb-resumed")
+    logged = [r["step"] for r in metrics(work / "rb-resumed") if "loss" in r]
+    assert logged == [1, 2, 3, 4]  # the steps after the checkpoint are not logged twice
+    assert resumed.keys() == full.keys()
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6)
+    other_noise = interrupted_after_step_2("rb-fresh-noise", keep_rng=False)
+    assert max((other_noise[k] - full[k]).abs().max().item() for k in full) > 1e-4

@@ -248,6 +248,26 @@ def test_relaxed_bernoulli_in_training_sigmoid_in_eval(kind):
         torch.testing.assert_close(run_layer(layer, x, ids), evaluated, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
+def test_relaxed_bernoulli_sample_is_torch_distributions_sample(temperature):
+    """The routing sample (written out, no distribution objects per layer) is the one
+    torch.distributions draws with the same generator state, gradient included."""
+    from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
+
+    from tensorft.adapters.task_routed import relaxed_bernoulli_sample
+
+    logits = torch.randn(64, 3, 5, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(7)
+    want = RelaxedBernoulli(torch.tensor(temperature, dtype=torch.float64), logits=logits).rsample()
+    torch.manual_seed(7)
+    got = relaxed_bernoulli_sample(logits, temperature)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    weights = torch.randn_like(want)
+    (g_want,) = torch.autograd.grad((want * weights).sum(), logits)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), logits)
+    torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
+
+
 def test_routing_option_reaches_the_sites():
     model = attach("poly", targets=["q_proj"], routing="sigmoid", temperature=0.5)
     ad = layers(model)[0].adapter

@@ -3,6 +3,7 @@ and bad input. Runs ``launcher/train.py`` as users do, on a tiny Llama with a re
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,8 +256,9 @@ def reference_run(workdir):
 
 
 def assert_same_run(run, reference, loss_tol, weight_tol):
-    """Same losses step by step (a resumed run logs some steps twice: the last entry counts) and
-    the same final adapter."""
+    """Same losses step by step (a resumed run logs each step once) and the same final adapter."""
+    logged = [r["step"] for r in metrics(run) if "loss" in r]
+    assert logged == sorted(set(logged)), logged
     by_step = {r["step"]: r["loss"] for r in metrics(run)}
     ref = {r["step"]: r["loss"] for r in metrics(reference)}
     assert sorted(by_step) == sorted(ref) == [1, 2, 3, 4]
@@ -298,8 +300,28 @@ def test_deepspeed_zero2_two_ranks_matches_single_process(workdir, reference_run
     assert info["strategy"] == "deepspeed" and info["world_size"] == 2 and info["process_group"] == 2
     # ZeRO-2 partitions optimizer state and gradients; parameters stay whole on every rank
     assert info["adapter"]["local"] == info["adapter"]["full"]
-    assert os.path.isdir(workdir / "zero2" / "checkpoints" / "checkpoint-4" / "global_step4")
+    checkpoint = workdir / "zero2" / "checkpoints" / "checkpoint-4"
+    assert os.path.isdir(checkpoint / "global_step4")
     assert_same_run(workdir / "zero2", reference_run, loss_tol=1e-4, weight_tol=1e-5)
+    # no file of the checkpoint holds the frozen base (DeepSpeed writes the whole module by default)
+    from transformers import AutoModelForCausalLM
+
+    base_bytes = sum(p.numel() * p.element_size() for p in AutoModelForCausalLM.from_pretrained(workdir / "tiny").parameters())
+    files = [f for f in checkpoint.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) < base_bytes / 4, sorted((f.stat().st_size, f.name) for f in files)[-3:]
+    # ... and resuming from such a checkpoint (the state a kill after checkpoint-2 leaves) ends
+    # where the uninterrupted run did
+    resumed = workdir / "zero2-resumed"
+    shutil.copytree(workdir / "zero2", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-4")
+    for name in ("FINISHED", "adapter_model.safetensors", "adapter_config.json"):
+        (resumed / name).unlink()
+    config = write_config(workdir, "zero2-resumed", train={"max_steps": 4, "batch_size": 4, "save_steps": 2},
+                          distributed={"strategy": "deepspeed", "zero_stage": 2})
+    p = subprocess.run([launcher, "--num_gpus", "2", TRAIN, "--config", config], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0 and "resuming from" in p.stderr, p.stderr[-2000:]
+    assert_same_run(resumed, reference_run, loss_tol=1e-4, weight_tol=1e-5)
 
 
 def kill_after_first_checkpoint(config, out):
@@ -317,6 +339,40 @@ def kill_after_first_checkpoint(config, out):
     _, err = proc.communicate()
     assert marker.exists(), err[-3000:]
     assert not (out / "FINISHED").exists()
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_signal_to_one_rank_checkpoints_and_stops_every_rank(workdir, strategy):
+    """SIGUSR1 delivered to rank 1 only (rank 0 writes the checkpoint's marker): the ranks agree
+    at a step boundary, write one complete checkpoint together and all exit as stopped by it,
+    instead of one rank waiting forever in collectives the others never enter."""
+    import psutil
+
+    dist = {"strategy": "fsdp"} if strategy == "fsdp" else {"strategy": "deepspeed", "zero_stage": 3}
+    config = write_config(workdir, f"signal-{strategy}", distributed=dist,
+                          train={"max_steps": 400, "batch_size": 4, "save_steps": 1000, "logging_steps": 1})
+    out = workdir / f"signal-{strategy}"
+    proc = torchrun(config, wait=False)
+    deadline = time.time() + 400
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if TRAIN in " ".join(p.cmdline())]
+    (rank1,) = [p for p in workers if p.environ().get("RANK") == "1"]
+    rank1.send_signal(signal.SIGUSR1)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+            p.kill()
+        raise AssertionError("the ranks did not stop together after a signal to one of them (hang)") from None
+    from tensorft.trainers import complete_checkpoints
+
+    (checkpoint,) = complete_checkpoints(str(out / "checkpoints"))
+    assert err.count("tensorft: stopped by SIGUSR1") == 2, err[-3000:]  # both ranks, the same step
+    # torchrun prints its own summary of ranks that exited non-zero; no rank raised
+    assert 'tensorft/' not in "".join(line for line in err.splitlines(True) if line.lstrip().startswith('File "'))
+    assert not (out / "FINISHED").exists()
+    assert int(checkpoint.rsplit("-", 1)[1]) < 400
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
@@ -395,3 +451,35 @@ def test_strategy_must_match_the_launch(workdir):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "model.quantization: int8 bases cannot be sharded by FSDP" in p.stderr.strip().splitlines()[-1]
     assert not (workdir / "bad-fsdp").exists() and not (workdir / "bad-fsdp-int8").exists()
+
+
+def test_atomic_writes_are_durable_before_and_after_the_rename(tmp_path, monkeypatch):
+    """The file's data is synced before the rename and its directory after (a rename alone can
+    survive a crash pointing at data that never reached the disk); a checkpoint-like tree is
+    synced file by file before its marker."""
+    from tensorft import saving
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "out" / "config.yaml"
+    saving.write_text(str(target), "a: 1\n")
+    (synced_tmp, rename, synced_dir) = events
+    assert synced_tmp[0] == "fsync" and synced_tmp[1].startswith(str(tmp_path / "out" / ".config.yaml."))
+    assert rename == ("rename", str(target)) and synced_dir == ("fsync", str(tmp_path / "out"))
+    events.clear()
+    (tmp_path / "ckpt" / "sub").mkdir(parents=True)
+    for name in ("ckpt/a.pt", "ckpt/sub/b.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    saving.fsync_tree(str(tmp_path / "ckpt"))
+    assert [path for _, path in events] == [str(tmp_path / p) for p in ("ckpt/sub/b.pt", "ckpt/sub", "ckpt/a.pt", "ckpt")]

@@ -95,6 +95,11 @@ TASKS: dict[str, Task] = {
         Task("hyperbaton", bigbench_rows("hyperbaton")),
         Task("social_iqa", bigbench_rows("social_iqa")),
         Task("intent_recognition", bigbench_rows("intent_recognition")),
+        # Added for the multi-task benchmark (bench/multitask); zero-shot on 120 rows: 0.25
+        # (four sentiment labels, not tweet_sentiment's three) and 0.32 (seven options, two
+        # of them words, that training can rule out; the sum itself needs arithmetic).
+        Task("multiemo_sentiment", bigbench_rows("multiemo/all_sentence_en"), stratify=True),
+        Task("arithmetic_addition", bigbench_rows("arithmetic/2_digit_addition")),
     )
 }
 # sports_understanding is left out by default: PEFT LoRA r=8 does not learn it at this scale

@@ -1,3 +1,3 @@
 """Built-in adapter kinds; importing this package registers them."""
 
-from . import cp, lora, poly, tensorpoly, tt  # noqa: F401
+from . import cp, lora, poly, tensorpoly, trex, tt, ttmoe  # noqa: F401

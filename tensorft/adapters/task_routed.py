@@ -24,7 +24,6 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from ..errors import ConfigError, TensorftError
 from ..topology import Site
@@ -62,6 +61,31 @@ def check_routing_options(options: RoutingOptions, prefix: str) -> None:
         raise ConfigError(f"{prefix}.routing_lr_scale: must be positive, got {options.routing_lr_scale}")
 
 
+def relaxed_bernoulli_sample(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A reparameterised RelaxedBernoulli(temperature, logits) sample: the same draw and the same
+    value (to rounding) as ``torch.distributions.RelaxedBernoulli(...).rsample()``, without building the
+    distribution objects and their argument checks in every layer of every forward."""
+    eps = torch.finfo(logits.dtype).eps
+    u = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device).clamp(eps, 1 - eps)
+    return torch.sigmoid((u.log() - (-u).log1p() + logits) / temperature)
+
+
+def check_task_ids(ids, n_tasks: int, kind: str) -> torch.Tensor:
+    """``ids`` as a flat long tensor, or a one-line error when missing or out of range."""
+    if ids is None:
+        raise TensorftError(
+            f"adapter kind {kind!r}: task ids are missing "
+            "(pass model(..., task_ids=ids) or use tensorft.task_context(model, ids))"
+        )
+    ids = torch.as_tensor(ids).reshape(-1)
+    if ids.dtype != torch.long:
+        ids = ids.long()
+    # Range check only where it costs no device sync (ids usually come from the collator on CPU).
+    if ids.device.type == "cpu" and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < n_tasks):
+        raise TensorftError(f"adapter kind {kind!r}: task id out of range 0..{n_tasks - 1}: {ids.tolist()}")
+    return ids
+
+
 class RoutedSite(SiteAdapter):
     """One layer of a task-routed kind. Subclasses define ``mixed_factors``."""
 
@@ -85,7 +109,7 @@ class RoutedSite(SiteAdapter):
         """``alpha`` per row: ``(batch, *route_shape)``, normalised over the last axis."""
         logits = self.routing_logits[task_ids]
         if sample:
-            z = RelaxedBernoulli(self.temperature, logits=logits).rsample()
+            z = relaxed_bernoulli_sample(logits, self.temperature)
         else:
             z = torch.sigmoid(logits)
         return z / (z.sum(dim=-1, keepdim=True) + EPS)
@@ -95,23 +119,14 @@ class RoutedSite(SiteAdapter):
         raise NotImplementedError
 
     def row_task_ids(self, state: AdapterState, rows: int, device: torch.device) -> torch.Tensor:
-        ids = state.task_ids
-        if ids is None:
-            raise TensorftError(
-                f"adapter kind {self.kind_name!r}: task ids are missing "
-                "(pass model(..., task_ids=ids) or use tensorft.task_context(model, ids))"
-            )
-        ids = torch.as_tensor(ids).reshape(-1)
+        # Checked and moved to the device once per model call (RoutedKind.prepare_routing); a
+        # layer run on its own (no model call) gets the same checks here.
+        ids = check_task_ids(state.task_ids, self.n_tasks, self.kind_name)
         if ids.numel() not in (1, rows):
             raise TensorftError(
                 f"adapter kind {self.kind_name!r}: got {ids.numel()} task ids for a batch of {rows} rows"
             )
-        # Range check only where it costs no device sync (ids usually come from the collator on CPU).
-        if ids.device.type == "cpu" and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.n_tasks):
-            raise TensorftError(
-                f"adapter kind {self.kind_name!r}: task id out of range 0..{self.n_tasks - 1}: {ids.tolist()}"
-            )
-        return ids.to(device=device, dtype=torch.long).expand(rows)
+        return ids.to(device=device).expand(rows)
 
     def forward(self, x: torch.Tensor, state: AdapterState) -> torch.Tensor:
         # x: (B, ..., d_in) with one task id per row, or (T, d_in) for a single sequence.
@@ -168,6 +183,16 @@ class RoutedKind(AdapterKind):
 
     def make_site(self, site: Site) -> RoutedSite:  # pragma: no cover
         raise NotImplementedError
+
+    def prepare_routing(self, model: nn.Module, frame, inputs: dict):
+        """Check the call's task ids once and move them to the model's device once, instead of
+        in every adapted layer (a host-to-device copy per layer per forward on a GPU)."""
+        rows = inputs.get("input_ids")
+        rows = rows if rows is not None else inputs.get("inputs_embeds")
+        if frame.task_ids is None or rows is None:
+            return frame  # a layer that needs them says so
+        ids = check_task_ids(frame.task_ids, self.options.n_tasks, self.name)
+        return frame.replace(task_ids=ids.to(rows.device, non_blocking=True))
 
     def routed_sites(self, model: nn.Module) -> list[RoutedSite]:
         return [m for m in model.modules() if isinstance(m, RoutedSite)]

@@ -1,0 +1,157 @@
+"""bench/multitask: the multi-task benchmark end to end on a tiny Llama (SmolLM2's tokenizer) and
+two synthetic tasks that ask the same questions with different answers (so a shared adapter
+cannot fit both and per-task routing matters)."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import randomize_adapters, save_tiny_chat_llama
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import tensorft  # noqa: E402
+from bench.learning_quality import engine  # noqa: E402
+from bench.learning_quality.methods import TARGETS, attach  # noqa: E402
+from bench.multitask import core  # noqa: E402
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
+TASKS = ["warmth", "inverse"]
+
+
+def task_rows(task, n):
+    """Same items, task-specific prompt wording and gold (task 1 shifts task 0's answer)."""
+    word = "Guess" if task == 0 else "Reverse"
+    return [{"prompt": f"{word} item {i}: the {COLORS[i % len(COLORS)]} one.\nAnswer:",
+             "options": [" warm", " cold and wet", " neither"], "gold": (i * 7 + task) % 3} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = save_tiny_chat_llama(tmp_path_factory.mktemp("tiny_llama"))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def splits(tok):
+    out = {}
+    for t, name in enumerate(TASKS):
+        rows = task_rows(t, 20)
+        out[name] = {"train": engine.encode(tok, rows[:12]), "test": engine.encode(tok, rows[12:])}
+    return out
+
+
+def _pad(tok):
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
+def test_mixture_tags_every_row_with_its_task(tiny):
+    _, tok = tiny
+    data = splits(tok)
+    rows = core.mixture({t: s["train"] for t, s in data.items()})
+    assert len(rows) == 24 and sorted(r.task for r in rows) == [0] * 12 + [1] * 12
+    for r in rows:  # a row's task is the task whose train split holds it
+        assert any(r.options == x.options and r.gold == x.gold for x in data[TASKS[r.task]]["train"])
+    assert {r.task for r in rows[:8]} == {0, 1}  # shuffled across tasks, not task after task
+
+
+def test_row_routed_forward_passes_each_rows_own_task_id(tiny):
+    model, tok = tiny
+    data = splits(tok)
+    rows = core.mixture({t: s["train"] for t, s in data.items()})
+    method = core.for_tasks(core.METHODS["poly-r8"], TASKS)
+    adapted, _, _ = attach(engine.fresh_copy(model), method, TARGETS["qv"], 1e-3, 0)
+    randomize_adapters(adapted)
+    adapted.eval()
+    batch = rows[:6]
+    inputs = engine._left_padded([r.options[r.gold][:-1] for r in batch], _pad(tok))
+    got = core.RowRouted(adapted, rows)(**inputs).logits
+    right = adapted(**inputs, task_ids=torch.tensor([r.task for r in batch])).logits
+    wrong = adapted(**inputs, task_ids=torch.tensor([1 - r.task for r in batch])).logits
+    assert torch.allclose(got, right) and not torch.allclose(got, wrong, atol=1e-3)
+
+
+def test_bench_end_to_end_task_ids_resume_and_report(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    data = splits(tok)
+    out = str(tmp_path / "mt")
+    bench = core.MultiTaskBench(model, tok, data, engine.TrainSettings(steps=4, batch=4, warmup=1), out, "tiny")
+    assert bench.task_ids == {"warmth": 0, "inverse": 1}
+    methods = [core.METHODS[m] for m in ("lora-r8", "poly-r8", "tlora-r8", "tensorpoly1-r8")]
+    specs = core.grid(methods, ["qv"], 1e-2, "defaults", [0])
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+
+    # Capture the routed models to re-evaluate them below.
+    trained = {}
+    real_attach = core.attach
+
+    def keep(*args, **kwargs):
+        m, groups, params = real_attach(*args, **kwargs)
+        trained[args[1].name] = m
+        return m, groups, params
+
+    monkeypatch.setattr(core, "attach", keep)
+    zero = bench.zero_shot()
+    results = [bench.run(spec) for spec in specs]
+    monkeypatch.setattr(core, "attach", real_attach)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # the base is never trained
+
+    for spec, r in zip(specs, results):
+        assert json.load(open(spec.path(out))) == r
+        assert set(r["test_acc"]) == set(TASKS) and all(0 <= a <= 1 for a in r["test_acc"].values())
+        assert r["params"] > 0 and r["setup"]["steps"] == 4 and r["setup"]["tasks"] == TASKS
+        assert sum(r["rows_per_task_trained"].values()) == 16
+        assert r["routed"] == (r["kind"] in ("poly", "tensorpoly1"))
+    assert set(zero["test_acc"]) == set(TASKS)
+    by_name = {r["method"]: r for r in results}
+    # Routed parameter counts include the routing logits for the 2 tasks: T x S per site.
+    assert by_name["poly-r8"]["params"] == 8 * by_name["lora-r8"]["params"] + 2 * 2 * 2 * 8
+
+    # Each task is evaluated with its own id: the recorded accuracy is the one under that id,
+    # and the trained routed adapter scores differently under the swapped ids.
+    poly = trained["poly-r8"]
+    site = next(m for m in poly.modules() if isinstance(m, tensorft.adapters.task_routed.RoutedSite))
+    seen = []
+    handle = site.register_forward_pre_hook(lambda mod, args: seen.append(args[1].task_ids.tolist()))
+    accs = core.evaluate_tasks(poly, {t: data[t]["test"] for t in TASKS}, _pad(tok), bench.task_ids)
+    handle.remove()
+    assert accs == by_name["poly-r8"]["test_acc"]
+    assert {ids[0] for ids in seen} == {0, 1} and seen[0] == [0] and seen[-1] == [1]
+    for name, tid in bench.task_ids.items():
+        with tensorft.task_context(poly, torch.tensor([tid])):
+            own = engine.option_scores(poly, data[name]["test"], _pad(tok))
+        with tensorft.task_context(poly, torch.tensor([1 - tid])):
+            swapped = engine.option_scores(poly, data[name]["test"], _pad(tok))
+        assert engine.accuracy(own, data[name]["test"]) == accs[name]
+        assert not torch.allclose(torch.tensor(own), torch.tensor(swapped), atol=1e-5)
+
+    # Resume: finished runs are read back, never trained again.
+    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert [bench.run(spec) for spec in specs] == results and bench.zero_shot() == zero
+    # A folder of another setup is refused, not mixed into one table.
+    other = core.MultiTaskBench(model, tok, data, engine.TrainSettings(steps=5, batch=4, warmup=1), out, "tiny")
+    with pytest.raises(core.SetupMismatch):
+        other.run(specs[0])
+
+    selected = core.write_report(out, "settings")
+    assert {s.method for s in selected} == {"zero-shot", "lora-r8", "poly-r8", "tlora-r8", "tensorpoly1-r8"}
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "| poly-r8 | lora-r8 | qv |" in summary and "| tensorpoly1-r8 | tlora-r8 | qv |" in summary
+    mean = sum(by_name["poly-r8"]["test_acc"].values()) / 2
+    assert f"| poly-r8 | qv | {by_name['poly-r8']['params']:,} | 0.01 |" in summary and f"{mean:.3f}" in summary
+    assert os.path.getsize(os.path.join(out, "report.png")) > 0
+
+
+def test_routed_kinds_come_from_the_registry():
+    assert [m for m in core.METHODS if core.is_routed(core.METHODS[m].kind)] == [
+        "poly-r8", "mhr-r8", "tensorpoly1-r8", "tensorpoly2-r8"]
+    assert core.for_tasks(core.METHODS["lora-r8"], TASKS) is core.METHODS["lora-r8"]
+    assert core.for_tasks(core.METHODS["mhr-r8"], TASKS).options == {"n_tasks": 2, "tasks": TASKS}

@@ -1,0 +1,523 @@
+"""TT-LoRA MoE (issue 11): frozen tt experts behind a noisy top-1 router.
+
+In memory (tiny Llama built in code, three random tt experts saved to disk): a one-hot router
+equals the chosen expert alone; a batch mixing all experts equals a per-row loop (and builds no
+all-experts stack); noise only in training; a stage-2 step gives the experts no gradient and runs
+no expert pass; generate routes once at prefill, holds the choice through the KV-cached decode
+steps and equals each prompt alone with its expert; save / load without the expert directories.
+
+Through the launchers (tiny Llama with a real tokenizer, three tasks told apart by their
+prompts): stage 1 trains one expert per task, resumes by skipping finished experts; stage 2
+trains the router (accuracy on held-out data > 0.9, logged usage), leaves the experts
+unchanged, reloads with from_pretrained, exports one expert as PEFT LoRA, refuses a merge; bad
+input stops with one line, exit 2, nothing written."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import tensorft
+from conftest import ShapeRecorder, randomize_adapters, save_tiny_chat_llama, tiny_llama, tokens
+from tensorft.errors import TensorftError
+from tensorft.saving import load_adapter_weights, read_adapter_config
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+TT = {"kind": "tt", "rank": 3, "alpha": 6, "targets": TARGETS}
+NAMES = ["alpha", "beta", "gamma"]
+
+
+def save_experts(directory, names=NAMES, **tt):
+    dirs = []
+    for i, name in enumerate(names):
+        model = tensorft.attach(tiny_llama(), {**TT, **tt, "tasks": [name]})
+        randomize_adapters(model, seed=10 + i, scale=0.4)
+        tensorft.save(model, str(directory / name))
+        dirs.append(str(directory / name))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    """Three random tt experts of ``tiny_llama()``, each named by its one task."""
+    return save_experts(tmp_path_factory.mktemp("experts"))
+
+
+def moe(dirs, **options):
+    return tensorft.attach(tiny_llama(), {"kind": "ttmoe", "experts": dirs, **options})
+
+
+def expert_alone(directory):
+    adapter, _, _ = read_adapter_config(directory)
+    return load_adapter_weights(tensorft.attach(tiny_llama(), adapter), directory)
+
+
+def one_hot_router(model, expert):
+    """Router weights that send every row to ``expert``."""
+    router = model.tensorft.shared
+    with torch.no_grad():
+        router.gate.weight.zero_()
+        router.gate.bias.zero_()
+        router.gate.bias[expert] = 10.0
+
+
+# --------------------------------------------------------------------------- the layers
+
+
+def test_one_hot_router_equals_the_chosen_expert_alone(experts):
+    model = moe(experts)
+    ids = tokens(batch=3, seq=6)
+    logits = []
+    for e, directory in enumerate(experts):
+        one_hot_router(model, e)
+        got = model(ids).logits
+        torch.testing.assert_close(got, expert_alone(directory)(ids).logits, rtol=0, atol=1e-6)
+        logits.append(got)
+    assert not torch.allclose(logits[0], logits[1], atol=1e-3)  # the experts differ
+    assert model.tensorft.config.tasks == NAMES and tensorft.count_parameters(model) == 2 * 3 * 65
+
+
+def test_grouped_inference_equals_a_per_row_loop_and_stacks_no_experts(experts):
+    model = moe(experts)
+    ids, chosen = tokens(batch=6, seq=7, seed=2), torch.tensor([0, 2, 1, 1, 0, 2])
+    with ShapeRecorder() as rec:
+        mixed = model(ids, expert_ids=chosen).logits
+    for i in range(6):
+        alone = model(ids[i : i + 1], expert_ids=chosen[i : i + 1]).logits
+        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=0, atol=1e-6)
+    # never a dense (E, ...) stack of every expert's cores or factors in a forward
+    stacked = set()
+    for layer in model.tensorft.layers.values():
+        a = layer.adapter
+        stacked |= {tuple(c.shape) for c in a.cores}
+        stacked |= {(3, 3, a.in_features), (3, a.out_features, 3)}
+    assert not rec.shapes & stacked
+
+
+def test_noise_is_on_in_training_only(experts):
+    model = moe(experts)
+    router = model.tensorft.shared
+    with torch.no_grad():
+        router.noise.weight.mul_(50)  # noise far larger than the gate's logits
+    ids, labels = tokens(batch=8, seq=6, seed=4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    kind = model.tensorft.kind
+    model.eval()
+    clean = kind.route(model, {"input_ids": ids})
+    for _ in range(5):
+        assert torch.equal(kind.route(model, {"input_ids": ids}), clean)
+        with tensorft.collect_aux_losses(model) as aux:
+            model(ids, task_ids=labels)
+        assert not aux  # evaluation: routed by the clean router, no router loss
+    model.train()
+    losses = set()
+    for _ in range(3):
+        with tensorft.collect_aux_losses(model) as aux:
+            model(ids, task_ids=labels)
+        losses.add(round(aux["router_ce"].item(), 6))
+    assert len(losses) == 3  # noisy
+
+    quiet = moe(experts, noise=False).train()
+    assert quiet.tensorft.shared.noise is None
+    first = [None, None]
+    for i in range(2):
+        with tensorft.collect_aux_losses(quiet) as aux:
+            quiet(ids, task_ids=labels)
+        first[i] = aux["router_ce"].item()
+    assert first[0] == first[1]
+
+
+def test_a_stage_2_step_trains_the_router_only_with_no_expert_pass(experts):
+    model = moe(experts).train()
+    kind = model.tensorft.kind
+    before = {n: p.clone() for n, p in tensorft.adapter_parameters(model).items()}
+    trainable = tensorft.trainable_parameters(model)
+    assert sorted(trainable) == sorted(
+        f"tensorft.shared.{m}.{w}" for m in ("gate", "noise") for w in ("weight", "bias"))
+    expert_calls = []
+    for layer in model.tensorft.layers.values():
+        layer.adapter.register_forward_hook(lambda *a: expert_calls.append(1))
+    opt = torch.optim.AdamW(tensorft.optimizer_groups(model, lr=0.1))
+    ids, labels = tokens(batch=6, seq=6, seed=5), torch.tensor([0, 1, 2, 2, 1, 0])
+    kind.router_passes = 0
+    for _ in range(3):
+        with tensorft.collect_aux_losses(model) as aux:
+            model(ids, labels=ids, task_ids=labels)
+        aux["router_ce"].backward()
+        for n, p in tensorft.adapter_parameters(model).items():
+            assert (p.grad is not None) == (n in trainable), n
+        opt.step()
+        opt.zero_grad()
+    assert not expert_calls and kind.router_passes == 0  # one base pass per step: the step's own
+    for n, p in tensorft.adapter_parameters(model).items():
+        assert torch.equal(p, before[n]) == (n not in trainable), n
+    assert kind.confusion["train"].sum() == 18
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def test_generate_holds_the_prefill_choice_and_equals_each_prompt_alone(experts):
+    model = moe(experts).eval()
+    kind = model.tensorft.kind
+    with torch.no_grad():  # a router that sends these prompts to every expert
+        model.tensorft.shared.gate.weight.normal_(0, 3.0)
+    prompts = next(
+        p for p in (tokens(batch=6, seq=5, seed=s) for s in range(50))
+        if len(set(kind.route(model, {"input_ids": p}).tolist())) == 3
+    )
+    chosen = kind.route(model, {"input_ids": prompts})
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    mask = torch.ones_like(prompts)
+    kind.router_passes = 0
+    together = model.generate(prompts, attention_mask=mask, **kw)
+    assert kind.router_passes == 1  # prefill only; decode steps keep its choice
+    for i in range(6):
+        alone = expert_alone(experts[int(chosen[i])]).generate(prompts[i : i + 1], attention_mask=mask[i : i + 1], **kw)
+        assert torch.equal(together[i : i + 1], alone), i
+        forced = model.generate(prompts[i : i + 1], attention_mask=mask[i : i + 1], expert_ids=chosen[i : i + 1], **kw)
+        assert torch.equal(forced, alone), i
+
+    # a decode step by hand: the prefill's choice and its experts' factors, gathered per row
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        following = model(prompts, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        step = model(following, past_key_values=cache, use_cache=True).logits[:, -1]
+    memory = model.tensorft.state.generation_memory(cache)
+    assert torch.equal(memory["expert_ids"], chosen) and any(k[1] == "rows" for k in memory["ttmoe_factors"])
+    for i in range(6):
+        alone = expert_alone(experts[int(chosen[i])])(torch.cat([prompts[i : i + 1], following[i : i + 1]], 1))
+        torch.testing.assert_close(step[i], alone.logits[0, -1], rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def test_save_and_load_without_the_expert_directories(experts, tmp_path):
+    copies = [shutil.copytree(d, tmp_path / "experts" / os.path.basename(d)) for d in experts]
+    model = moe([str(c) for c in copies])
+    with torch.no_grad():
+        model.tensorft.shared.gate.weight.normal_(0, 3.0)
+    tensorft.save(model, str(tmp_path / "moe"))
+    shutil.rmtree(tmp_path / "experts")
+    adapter, _, raw = read_adapter_config(str(tmp_path / "moe"))
+    assert raw["expert_names"] == NAMES and raw["tasks"] == NAMES and raw["kind"] == "ttmoe"
+    fresh = load_adapter_weights(tensorft.attach(tiny_llama(), adapter), str(tmp_path / "moe"))
+    ids = tokens(batch=5, seq=6, seed=7)
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+    for name, p in tensorft.adapter_parameters(fresh).items():
+        assert p.requires_grad == (".adapter.cores." not in name)
+    with pytest.raises(TensorftError, match="cannot be merged: each sequence runs the expert its router picks"):
+        tensorft.merge(fresh)
+
+
+# --------------------------------------------------------------------------- through the launchers
+
+WORDS = ["red", "green", "blue", "black", "white", "pink", "gray", "brown", "gold", "cyan", "lime", "navy"]
+TEMPLATES = {  # three tasks told apart by their prompts
+    "alpha": ("Repeat the colour {w} twice ->", " {w} {w}"),
+    "beta": ("How many letters are in {w}? Answer =", " {n}"),
+    "gamma": ("Write {w} backwards please :", " {r}"),
+}
+
+
+def rows(task, words):
+    prompt, completion = TEMPLATES[task]
+    return [{"prompt": prompt.format(w=w), "completion": completion.format(w=w, n=len(w), r=w[::-1])} for w in words]
+
+
+def _jsonl(path, items):
+    path.write_text("".join(json.dumps(r) + "\n" for r in items))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ttmoe")
+    save_tiny_chat_llama(work / "tiny")
+    for task in TEMPLATES:
+        _jsonl(work / f"{task}.jsonl", rows(task, WORDS[:8]))
+        _jsonl(work / f"{task}_dev.jsonl", rows(task, WORDS[8:]))
+    return work
+
+
+def task_data(work, names=tuple(TEMPLATES)):
+    return {"tasks": {t: {"train": str(work / f"{t}.jsonl"), "eval": str(work / f"{t}_dev.jsonl")} for t in names},
+            "format": "prompt-completion"}
+
+
+def write_config(work, name, adapter, data=None, train=None, model=True):
+    cfg = {
+        **({"model": {"name_or_path": str(work / "tiny")}} if model else {}),
+        "adapter": adapter,
+        "data": data or task_data(work),
+        "train": {"output_dir": str(work / name), "max_steps": 3, "batch_size": 8, "lr": 0.01, "logging_steps": 1,
+                  "save_steps": 100, "max_length": 48, **(train or {})},
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)
+
+
+def stage1_config(work, name):
+    return write_config(work, name, {**TT, "tt_shapes": None})
+
+
+@pytest.fixture(scope="module")
+def stage1(work):
+    from tensorft.experts import main
+
+    assert main(["--config", stage1_config(work, "stage1")]) == 0
+    return work / "stage1"
+
+
+@pytest.fixture(scope="module")
+def stage2(work, stage1):
+    from tensorft.train import main
+
+    config = write_config(work, "stage2", {"kind": "ttmoe", "experts": str(stage1)}, model=False,
+                          train={"max_steps": 30, "batch_size": 12, "lr": 0.02, "logging_steps": 10})
+    assert main(["--config", config]) == 0
+    return work / "stage2"
+
+
+def test_stage1_trains_one_tt_expert_per_task_on_its_own_data(stage1):
+    assert json.loads((stage1 / "experts.json").read_text())["experts"] == [{"name": t, "dir": t} for t in TEMPLATES]
+    for task in TEMPLATES:
+        saved = json.loads((stage1 / task / "adapter_config.json").read_text())
+        assert saved["kind"] == "tt" and saved["tasks"] == [task]
+        assert json.loads((stage1 / task / "tasks.json").read_text())["tasks"] == {
+            task: {"id": 0, "rows": 8, "mixed": 8}}  # its own task's rows only
+
+
+def test_stage1_resume_skips_finished_experts(work, stage1, capsys):
+    from tensorft.experts import main
+
+    resumed = work / "stage1-resumed"
+    for task in ("alpha", "beta"):  # finished; gamma "was killed" before it started
+        shutil.copytree(stage1 / task, resumed / task)
+    stamps = {p: p.stat().st_mtime_ns for p in resumed.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["--config", stage1_config(work, "stage1-resumed")]) == 0
+    err = capsys.readouterr().err
+    assert "expert alpha: already trained, skipped" in err and "expert beta: already trained, skipped" in err
+    assert "expert gamma: training on its own data" in err
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # finished experts untouched
+    assert (resumed / "gamma" / "FINISHED").exists() and (resumed / "experts.json").exists()
+
+
+def test_stage2_router_learns_the_tasks_and_leaves_the_experts_unchanged(stage1, stage2):
+    report = json.loads((stage2 / "router_eval.json").read_text())
+    print(f"\nrouter on held-out data: {report}")
+    assert report["rows"] == 12 and report["accuracy"] > 0.9
+    assert sum(report["usage"].values()) == 12 and report["experts"] == list(TEMPLATES)
+    rows_logged = [r for r in map(json.loads, open(stage2 / "metrics.jsonl")) if "loss" in r]  # training rows
+    assert [r["step"] for r in rows_logged] == [10, 20, 30]
+    assert all("aux/router_ce" in r and "router/accuracy" in r for r in rows_logged)
+    assert rows_logged[-1]["aux/router_ce"] < rows_logged[0]["aux/router_ce"]
+    assert rows_logged[-1]["loss"] == pytest.approx(rows_logged[-1]["aux/router_ce"], abs=1e-5)
+    assert {f"router/usage/{t}" for t in TEMPLATES} <= set(rows_logged[-1])
+    saved = load_file(stage2 / "adapter_model.safetensors")
+    for e, task in enumerate(TEMPLATES):
+        expert = load_file(stage1 / task / "adapter_model.safetensors")
+        assert expert
+        for key, core in expert.items():
+            assert torch.equal(saved[key][e], core), key
+
+
+def test_stage2_reloads_routes_and_exports_one_expert(work, stage1, stage2, capsys):
+    from transformers import AutoTokenizer
+
+    from tensorft.cli import run
+
+    model = tensorft.from_pretrained(str(stage2)).eval()
+    tok = AutoTokenizer.from_pretrained(str(work / "tiny"))
+    prompts = [rows(t, ["teal"])[0]["prompt"] for t in TEMPLATES]
+    chosen = [model.tensorft.kind.route(model, {"input_ids": tok(p, return_tensors="pt").input_ids}).item()
+              for p in prompts]
+    assert chosen == [0, 1, 2]
+    assert run(["export-peft", str(stage2), str(work / "peft-beta"), "--expert", "beta"]) == 0
+    assert run(["export-peft", str(stage1 / "beta"), str(work / "peft-beta-alone")]) == 0
+    a, b = load_file(work / "peft-beta" / "adapter_model.safetensors"), load_file(
+        work / "peft-beta-alone" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert run(["merge", str(stage2), str(work / "merged-beta"), "--expert", "beta"]) == 0
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(work / "merged-beta")).eval()
+    ids = tok(prompts[1], return_tensors="pt").input_ids
+    torch.testing.assert_close(merged(ids).logits, tensorft.from_pretrained(str(stage1 / "beta"))(ids).logits,
+                               rtol=0, atol=1e-5)
+    capsys.readouterr()
+    for argv, message in (
+        (["merge", str(stage2), str(work / "merged")], "cannot be merged: each sequence runs the expert its router picks"),
+        (["export-peft", str(stage2), str(work / "peft-all")], "--expert NAME"),
+        (["export-peft", str(stage2), str(work / "peft-x"), "--expert", "delta"], "unknown expert 'delta'"),
+        (["merge", str(stage1 / "beta"), str(work / "merged-x"), "--expert", "beta"], "kind 'tt' has no experts"),
+    ):
+        assert run(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+    assert not any((work / d).exists() for d in ("merged", "peft-all", "peft-x", "merged-x"))
+
+
+def bad_experts(work, stage1):
+    """Expert directories that must be refused: another kind, another base, another shape."""
+    from transformers import AutoModelForCausalLM
+
+    base = str(work / "tiny")
+    lora = tensorft.attach(AutoModelForCausalLM.from_pretrained(base), {"kind": "lora", "rank": 2, "targets": TARGETS})
+    tensorft.save(lora, str(work / "bad" / "lora"))
+    small = tensorft.attach(AutoModelForCausalLM.from_pretrained(base), {**TT, "rank": 2, "tasks": ["delta"]})
+    tensorft.save(small, str(work / "bad" / "rank2"))
+    other = shutil.copytree(stage1 / "gamma", work / "bad" / "other-base")
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = cfg["model"]["name_or_path"] = "someone/another-model"
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    return work / "bad"
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "adapter.experts: {missing}: no such directory"),
+    ("lora", "holds a lora adapter; experts are tt adapters"),
+    ("other-base", "does not match {alpha}: base model: 'someone/another-model'"),
+    ("rank2", "does not match {alpha}: rank: 2, the first has 3"),
+    ("label", "data.tasks.delta: no expert for this task (experts: alpha, beta, gamma)"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(work, stage1, capsys, case, message):
+    from tensorft.train import main
+
+    bad = work / "bad" if (work / "bad").exists() else bad_experts(work, stage1)
+    experts = [str(stage1 / t) for t in TEMPLATES]
+    data = None
+    if case == "label":
+        (work / "delta.jsonl").write_text((work / "alpha.jsonl").read_text())
+        data = task_data(work)
+        data["tasks"]["delta"] = {"train": str(work / "delta.jsonl")}
+    elif case == "missing":
+        experts[1] = str(work / "no-such-expert")
+    else:
+        experts[1] = str(bad / case)
+    name = f"bad-{case}"
+    assert main(["--config", write_config(work, name, {"kind": "ttmoe", "experts": experts}, data=data)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    expected = message.format(missing=work / "no-such-expert", alpha=stage1 / "alpha")
+    assert lines[-1].startswith("tensorft: error: ") and expected in lines[-1], lines
+    assert not (work / name).exists()
+
+
+def test_stage2_under_ddp_on_two_ranks_equals_one_process(work, stage1):
+    """Noise off (each rank draws its own noise, so only the deterministic router is comparable):
+    the same losses step by step and the same router, and the same held-out report."""
+    from test_train import run_info, torchrun
+
+    from tensorft.train import main
+
+    adapter = {"kind": "ttmoe", "experts": str(stage1), "noise": False}
+    train = {"max_steps": 4, "lr": 0.02, "logging_steps": 1}
+    single = write_config(work, "stage2-single", adapter, model=False, train={**train, "batch_size": 12})
+    assert main(["--config", single]) == 0
+    ddp = write_config(work, "stage2-ddp", adapter, model=False, train={**train, "batch_size": 6})
+    p = torchrun(ddp, "--set", "distributed.strategy=ddp")
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = run_info(work / "stage2-ddp")
+    assert info["world_size"] == 2 and info["process_group"] == 2
+    losses = [{r["step"]: r["loss"] for r in map(json.loads, open(work / run / "metrics.jsonl")) if "loss" in r}
+              for run in ("stage2-ddp", "stage2-single")]
+    assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3, 4]
+    print(f"\nstage 2, DDP vs one process: losses {losses}")
+    for step, loss in losses[1].items():
+        assert losses[0][step] == pytest.approx(loss, abs=1e-5), step
+    a, b = (load_file(work / run / "adapter_model.safetensors") for run in ("stage2-ddp", "stage2-single"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    a, b = (json.loads((work / run / "router_eval.json").read_text()) for run in ("stage2-ddp", "stage2-single"))
+    assert a["confusion"] == b["confusion"] and a["rows"] == 12
+
+
+def test_params_counts_the_router_as_trainable_and_the_experts_as_frozen(work, stage1, capsys):
+    from tensorft.cli import run
+
+    config = write_config(work, "stage2-params", {"kind": "ttmoe", "experts": str(stage1)}, model=False)
+    capsys.readouterr()
+    assert run(["params", "--config", config]) == 0
+    out = capsys.readouterr().out
+    experts = sum(t.numel() for task in TEMPLATES for t in load_file(stage1 / task / "adapter_model.safetensors").values())
+    assert "trainable parameters: 390" in out  # gate and noise: 2 x (64 + 1) x 3
+    assert f"kind ttmoe: {experts:,} of the parameters above are saved but frozen" in out
+
+
+def test_example_configs_load(tmp_path, monkeypatch):
+    from tensorft.config import load_config
+    from tensorft.errors import ConfigError
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(tmp_path)  # the experts path is relative to where the command runs
+    stage1 = load_config(os.path.join(root, "configs", "ttmoe_stage1.yaml"))
+    assert stage1.adapter.kind == "tt" and list(stage1.data.tasks) == ["sentiment", "arith", "summaries"]
+    with pytest.raises(ConfigError, match="adapter.experts: runs/ttmoe-experts: no such directory"):
+        load_config(os.path.join(root, "configs", "ttmoe_stage2.yaml"))  # before stage 1 has run
+
+
+# --------------------------------------------------------------------------- sequence classification
+
+
+@pytest.fixture(scope="module")
+def cls_runs(work):
+    """The paper's setting: ``model.task: seq-cls``, each expert with its own head (``score``,
+    modules_to_save); stage 1 then stage 2 through the launchers."""
+    from tensorft.experts import main as stage1_main
+    from tensorft.train import main as train_main
+
+    labels = {"alpha": lambda w: len(w) % 2, "beta": lambda w: int("e" in w), "gamma": lambda w: int(w < "m")}
+    for task, label in labels.items():
+        for split, words in (("", WORDS[:8]), ("_dev", WORDS[8:])):
+            _jsonl(work / f"cls_{task}{split}.jsonl",
+                   [{"text": r["prompt"], "label": label(w)} for r, w in zip(rows(task, words), words)])
+    data = {"tasks": {t: {"train": str(work / f"cls_{t}.jsonl"), "eval": str(work / f"cls_{t}_dev.jsonl")}
+                      for t in labels}, "format": "classification"}
+    stage1 = write_config(work, "cls-stage1", {**TT, "modules_to_save": ["score"]}, data=data,
+                          train={"max_steps": 3, "lr": 0.02})
+    text = yaml.safe_load(open(stage1))
+    text["model"].update(task="seq-cls", num_labels=2)
+    (work / "cls-stage1.yaml").write_text(yaml.safe_dump(text))
+    assert stage1_main(["--config", stage1]) == 0
+    stage2 = write_config(work, "cls-stage2", {"kind": "ttmoe", "experts": str(work / "cls-stage1")}, data=data,
+                          model=False, train={"max_steps": 30, "batch_size": 12, "lr": 0.02, "logging_steps": 10})
+    assert train_main(["--config", stage2]) == 0
+    return work / "cls-stage1", work / "cls-stage2"
+
+
+def test_seq_cls_experts_keep_their_own_heads_behind_the_router(work, cls_runs):
+    from tensorft.cli import run
+
+    stage1, stage2 = cls_runs
+    report = json.loads((stage2 / "router_eval.json").read_text())
+    print(f"\nseq-cls router on held-out data: {report}")
+    assert report["accuracy"] > 0.9 and report["rows"] == 12
+    evaluation = [r for r in map(json.loads, open(stage2 / "metrics.jsonl")) if "loss" not in r]
+    assert {f"eval_{t}_accuracy" for t in TEMPLATES} <= set().union(*evaluation)
+    moe_model = tensorft.from_pretrained(str(stage2)).eval()
+    assert type(moe_model).__name__ == "LlamaForSequenceClassification"
+    ids = tokens(batch=3, seq=6, vocab=1000, seed=3)
+    for e, task in enumerate(TEMPLATES):
+        alone = tensorft.from_pretrained(str(stage1 / task)).eval()
+        assert "score.weight" in load_file(stage1 / task / "adapter_model.safetensors")
+        got = moe_model(ids, expert_ids=torch.full((3,), e)).logits
+        torch.testing.assert_close(got, alone(ids).logits, rtol=0, atol=1e-5)
+    assert run(["merge", str(stage2), str(work / "cls-merged-beta"), "--expert", "beta"]) == 0
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(str(work / "cls-merged-beta")).eval()
+    torch.testing.assert_close(merged(ids).logits, tensorft.from_pretrained(str(stage1 / "beta"))(ids).logits,
+                               rtol=0, atol=1e-5)
+    assert run(["export-peft", str(stage2), str(work / "cls-peft-beta"), "--expert", "beta"]) == 0
+    exported = load_file(work / "cls-peft-beta" / "adapter_model.safetensors")
+    torch.testing.assert_close(exported["base_model.model.score.weight"],
+                               load_file(stage1 / "beta" / "adapter_model.safetensors")["score.weight"])
