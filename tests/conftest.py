@@ -36,9 +36,11 @@ def tiny_llama(kv_heads=4, heads=4, hidden=64, layers=2, head_dim=None, seed=0, 
     return model
 
 
-def save_tiny_chat_llama(directory, hidden=64, intermediate=128, max_positions=256, tie_embeddings=True) -> str:
+def save_tiny_chat_llama(directory, hidden=64, intermediate=128, max_positions=256, tie_embeddings=True,
+                         kv_heads=2) -> str:
     """A 2-layer Llama with SmolLM2's real tokenizer (and chat template), saved to ``directory``
-    as a Hugging Face model dir, for tests that go through the real loading code."""
+    as a Hugging Face model dir, for tests that go through the real loading code (GQA 4/2 heads
+    by default, as SmolLM2; ``kv_heads=4``: MHA, as Llama-2-7B)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from tensorft.pretrained import smollm2_135m_instruct
@@ -47,7 +49,7 @@ def save_tiny_chat_llama(directory, hidden=64, intermediate=128, max_positions=2
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
         tie_word_embeddings=tie_embeddings,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )

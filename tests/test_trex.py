@@ -449,6 +449,10 @@ def test_expert_usage_plot(trained, tmp_path):
     out = tmp_path / "usage.png"
     assert main([str(trained), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    measured = tmp_path / "measured.png"  # usage measured on prompts, the adapter loaded
+    assert main([str(trained), "--out", str(measured), "--data", str(trained.parent / "dev.jsonl"),
+                 "--format", "prompt-completion", "--limit", "3"]) == 0
+    assert measured.read_bytes()[:4] == b"\x89PNG"
     assert main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")]) == 2
     assert not (tmp_path / "x.png").exists()
 
@@ -508,7 +512,7 @@ def one_process(work):
     return work / "single"
 
 
-@pytest.mark.slow  # ~3.5 min on 2 shared cores (ZeRO-3 alone ~2.5 min)
+@pytest.mark.slow  # 3 torchrun launches: 100 s here, up to ~4 min on contended cores
 @pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp"])
 def test_two_ranks_match_one_process(work, one_process, strategy):
     from test_train import assert_same_run, run_info, torchrun
@@ -530,3 +534,19 @@ def test_two_ranks_match_one_process(work, one_process, strategy):
     ref = [json.loads(line) for line in open(one_process / "metrics.jsonl") if '"loss"' in line]
     for got, want in zip(rows, ref):  # router usage summed over the ranks: the one-process usage
         assert abs(got["router/entropy_mean"] - want["router/entropy_mean"]) < 1e-4
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_quantized_base_trains_only_the_adapter(tmp_path, quantization):
+    from tensorft.config import ModelConfig
+    from tensorft.loading import load_base_model
+
+    tiny_llama(kv_heads=2).save_pretrained(tmp_path / "base")
+    model = load_base_model(ModelConfig(name_or_path=str(tmp_path / "base"), quantization=quantization))
+    randomized(trex(model, rank=2, rank_out=2))
+    model.train()
+    ids = tokens()
+    model(ids, labels=ids, intuition=scores(2, k=4)).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == set(tensorft.trainable_parameters(model))  # adapter only; centroids frozen
+    assert all(p.grad.abs().sum() > 0 for p in tensorft.trainable_parameters(model).values())

@@ -521,3 +521,18 @@ def test_seq_cls_experts_keep_their_own_heads_behind_the_router(work, cls_runs):
     exported = load_file(work / "cls-peft-beta" / "adapter_model.safetensors")
     torch.testing.assert_close(exported["base_model.model.score.weight"],
                                load_file(stage1 / "beta" / "adapter_model.safetensors")["score.weight"])
+
+
+def test_data_naming_some_experts_in_another_order_is_labelled_with_expert_ids(work, stage1):
+    from tensorft.config import load_config
+    from tensorft.train import load_data_and_tasks, resolve_tasks
+
+    data = task_data(work, names=("gamma", "alpha"))
+    cfg = load_config(write_config(work, "subset", {"kind": "ttmoe", "experts": str(stage1)}, data=data, model=False))
+    resolve_tasks(cfg)
+    assert cfg.adapter.tasks == list(TEMPLATES) and cfg.model.name_or_path == str(work / "tiny")
+    train, evaluation, info = load_data_and_tasks(cfg)
+    for row in train:
+        assert row["prompt"].startswith({0: "Repeat", 2: "Write"}[row["task_ids"]])
+    assert {name: set(ds["task_ids"]) for name, ds in evaluation.items()} == {"gamma": {2}, "alpha": {0}}
+    assert {name: t["id"] for name, t in info["tasks"].items()} == {"gamma": 2, "alpha": 0}

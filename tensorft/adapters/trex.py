@@ -35,10 +35,12 @@ Init: ``A = 0`` (so the model equals the base at step 0 for any routing), ``B`` 
 adapter, frozen (not trained, not in ``count_parameters``).
 
 Routing input: ``intuition`` (batch, K) per row, carried by the collator in training
-(``model(..., intuition=s)``). When a call does not pass it, ``prepare_routing`` decodes the
+(``model(..., intuition=s)``; a training forward without it is refused: its rows hold prompt
+and completion). When an evaluation call does not pass it, ``prepare_routing`` decodes the
 prompt from the token ids with the base tokenizer, embeds it with the adapter's encoder and
 scores it against the saved centroids; a ``generate`` call does that once at prefill and keeps
-it for every decode step. Router health (not watched by the reference): each layer's mean
+it for every decode step. The lm-eval wrapper gives each scored row its context's intuition
+(``routing_for_prompts``), as training embeds the prompt only. Router health (not watched by the reference): each layer's mean
 expert usage and its entropy go to metrics.jsonl / TensorBoard (``router/...``), and
 ``load_balance_weight`` > 0 adds the Switch-Transformer loss ``K sum_k f_k P_k`` (f: share of
 tokens whose top expert is k, P: mean routing probability), averaged over layers, as

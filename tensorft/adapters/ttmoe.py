@@ -254,7 +254,7 @@ class TTMoESite(SiteAdapter):
         return out.reshape(*lead, self.out_features)
 
 
-def expert_groups(ids: torch.Tensor, rows: int) -> list:
+def expert_groups(ids: torch.Tensor) -> list:
     """``[(expert, row indices)]`` for the experts present; one entry with ``None`` when one
     expert serves every row. The one host sync of a routed forward."""
     ids = ids.reshape(-1)
@@ -359,6 +359,15 @@ class TTMoE(AdapterKind):
             raise ConfigError("train.objective: ttmoe trains its router with sft data (task-labelled rows)")
         if a.init_from or a.fewshot:
             raise ConfigError("adapter.init_from: not for ttmoe (its experts come from adapter.experts)")
+        d = cfg.distributed
+        if d.strategy == "fsdp" or (d.strategy == "deepspeed" and d.zero_stage == 3):
+            # measured: FSDP2 never reduces the router's gradient (its loss is not in the forward's
+            # outputs) and ZeRO-3 fails to gather the router at the final save; the router is
+            # E x hidden parameters and the base is frozen, so replicas cost little
+            raise ConfigError(
+                "distributed.strategy: ttmoe stage 2 runs under ddp or deepspeed with zero_stage 2, "
+                "not sharded (fsdp, zero_stage 3)"
+            )
         base = getattr(a.options, "_base_model", None)
         if base is not None:
             if not cfg.model.name_or_path:
@@ -496,7 +505,7 @@ class TTMoE(AdapterKind):
         if ids.device.type == "cpu" and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.n_experts):
             raise TensorftError(f"adapter kind 'ttmoe': expert id out of range 0..{self.n_experts - 1}: {ids.tolist()}")
         ids = ids.to(self.router(model).gate.weight.device)  # row indices must live where the activations do
-        groups = expert_groups(ids, rows)
+        groups = expert_groups(ids)
         slots = None
         if len(groups) > 1:
             slots = torch.zeros(rows, dtype=torch.long, device=ids.device)
