@@ -207,6 +207,16 @@ def check_distributed(cfg: Config) -> None:
             f"model.quantization: {cfg.model.quantization} bases cannot be sharded by DeepSpeed ZeRO-3; "
             "use zero_stage: 2 or ddp"
         )
+    if strategy == "deepspeed" and cfg.train.bf16:
+        import torch
+
+        if not torch.cuda.is_available():
+            # transformers refuses bf16 without a GPU unless use_cpu is set, and use_cpu would
+            # bypass DeepSpeed (each process alone): no combination trains DeepSpeed bf16 here
+            raise ConfigError(
+                "train.bf16: DeepSpeed with bf16 needs a GPU, and this machine has none; "
+                "set train.bf16: false to run this config on CPU"
+            )
     if strategy in ("ddp", "fsdp", "deepspeed") and "RANK" not in os.environ:
         # plain `python` would train one process and say nothing (ddp) or fail late (the others)
         raise ConfigError(

@@ -123,11 +123,18 @@ class AdapterTrainerMixin:
         flagged = model is not None and getattr(model, "is_quantized", False)
         if flagged:
             model._hf_peft_config_loaded = True
+        # trl casts every trainable parameter of a quantized model to bf16 (QLoRA's setting for
+        # PEFT); tensorft keeps adapters in float32 (an update smaller than a bf16 step of a
+        # factor would be lost, e.g. CP's order-one C factors): the values from before come back.
+        kept = {name: p.data for name, p in model.named_parameters() if p.requires_grad} if flagged else {}
         try:
             super().__init__(*args, model=model, **kwargs)
         finally:
             if flagged:
                 model._hf_peft_config_loaded = False
+        for name, p in model.named_parameters() if kept else ():
+            if name in kept and p.dtype != kept[name].dtype:
+                p.data = kept[name]
 
     def create_optimizer(self, model=None):
         # The Trainer's optimizer class and arguments, but tensorft's parameter groups: each

@@ -47,15 +47,17 @@ QUICK_OUT = os.path.join(ROOT, "bench", "results", "multitask_quick")
 # mttl's adapter lr for Poly / MHR (routing logits get x100 from the kinds' defaults: its 0.1):
 # with a few steps per task, the learning-quality 5e-4 leaves most methods near zero-shot.
 BASE_LR = 1e-3
-# Seconds per training step (batch 8) and per evaluated row (all its options), measured on the
-# 2 cores shared with ~3 other busy processes (load ~6-7), OMP_NUM_THREADS=1, 3 steps / 8 rows
-# per task per method (2026-12-01); for the estimate printed before a run. The spread between
-# kinds is mostly the other jobs' load; on idle cores all are ~3-4x faster.
-STEP_S = {"lora": 8.3, "poly": 4.5, "mhr": 4.6, "tlora": 7.1, "tensorpoly1": 8.0, "tensorpoly2": 9.3, "cp": 7.0}
-EVAL_S_PER_ROW = 1.0  # intent_recognition / arithmetic rows score 7 options: ~7 forwards
-# --quick: sized from those to ~25 min under that load: 7 runs x 20 steps x ~7 s = ~16 min of
-# training, 8 evaluations (zero-shot too) x 7 tasks x 12 rows x ~1 s = ~11 min. Small: it
-# checks the pipeline and shows gross effects; the default (full) run is the measurement.
+# Seconds per training step (batch 8) and per evaluated row (all its options) in the --quick run
+# of 2026-12-01 (bench/results/multitask_quick: train_s / 20, eval time / 84 rows), on the 2
+# cores shared with 3 other workers' jobs (load 5-7), OMP_NUM_THREADS=1; for the estimate
+# printed before a run. Under that load the spread between kinds is partly the other jobs';
+# on idle cores a step is ~2-3x faster (learning_quality estimates ~3 s for 8 idle rows).
+STEP_S = {"lora": 7.6, "poly": 12.1, "mhr": 12.2, "tlora": 8.1, "tensorpoly1": 10.6, "tensorpoly2": 16.6, "cp": 7.3}
+EVAL_S_PER_ROW = 1.3  # intent_recognition / arithmetic rows score 7 options: ~7 forwards
+# --quick: sized from a first 3-step measurement to ~25 min (it estimated 27); under the load
+# of the actual run it took 39 min (the constants above, measured in it, now estimate ~40).
+# 20 steps and 12 test rows per task are small: it checks the pipeline and shows gross
+# effects only; the default (full) run is the measurement.
 QUICK_STEPS = 20
 QUICK_EVAL_ROWS = 12  # the first N rows of each task's fixed test split
 FULL_STEPS = 200
