@@ -140,7 +140,14 @@ def test_every_shipped_config_validates():
 
     names = [n for n in os.listdir(CONFIGS) if n.endswith(".yaml")]
     assert len(names) >= 6
+    # stage 2 of TT-LoRA MoE reads stage 1's output: without it, the one-line error names the key
+    # (tests/test_shipped_configs.py runs the two stages chained)
+    needs_output = {"ttmoe_stage2.yaml": "adapter.experts: runs/ttmoe-experts: no such directory"}
     for name in names:
+        if name in needs_output:
+            with pytest.raises(tensorft.ConfigError, match=needs_output[name]):
+                load_config(os.path.join(CONFIGS, name))
+            continue
         cfg = load_config(os.path.join(CONFIGS, name))
         assert cfg.adapter.kind in tensorft.adapter_kinds(), name
 

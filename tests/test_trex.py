@@ -550,3 +550,124 @@ def test_quantized_base_trains_only_the_adapter(tmp_path, quantization):
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == set(tensorft.trainable_parameters(model))  # adapter only; centroids frozen
     assert all(p.grad.abs().sum() > 0 for p in tensorft.trainable_parameters(model).values())
+
+
+# --------------------------------------------------------------------------- memory per step
+
+
+def old_forward(site, x, intuition, state):
+    """The plain-autograd formulation before the routing function (issue 10's first version):
+    the same math, but autograd keeps the logits and B^T x, both softmax outputs and h."""
+    rows = x.reshape(1, -1, x.shape[-1]) if x.dim() == 2 else x
+    if isinstance(site.dropout, torch.nn.Identity):
+        logits, v = F.linear(rows, torch.cat([site.router, site.in_vectors])).split([site.K, site.J], dim=-1)
+    else:
+        logits, v = F.linear(rows, site.router), F.linear(site.dropout(rows), site.in_vectors)
+    P = torch.softmax(logits, dim=-1)
+    if site.use_intuition:
+        w = site.gate_value()
+        score = intuition.to(P.dtype).expand(rows.shape[0], site.K).reshape(rows.shape[0], 1, site.K)
+        P = torch.softmax(w * site.K * P + (1 - w) * site.intuition_scale * score, dim=-1)
+    P = P.reshape(*P.shape[:-1], site.I, site.J)
+    h = torch.einsum("...ij,...j->...i", P, v)
+    y = F.linear(h, site.out_vectors * (site.scale * site.K))
+    if site.training:
+        site._router_statistics(P, state, rows.shape[:2])
+    return y.reshape(*x.shape[:-1], site.out_features)
+
+
+@pytest.mark.parametrize("case", ["intuition", "router-only", "dropout", "2d", "load-balance"])
+def test_routing_function_equals_the_plain_autograd_formulation(case):
+    # float64: output and every gradient (parameters, x, the intuition, the aux loss's) agree
+    options = {"intuition": case != "router-only"}
+    site = make_site(**options).double()
+    site.lb_weight = 0.3 if case == "load-balance" else 0.0
+    if case == "dropout":
+        site.dropout = torch.nn.Dropout(0.25)
+    site.train()
+    shape = (15, 24) if case == "2d" else (3, 5, 24)
+    x0 = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    intuition0 = scores(1 if case == "2d" else 3).double()
+
+    def run(forward):
+        site.zero_grad()
+        x, intuition = x0.clone().requires_grad_(), intuition0.clone().requires_grad_()
+        state = AdapterState()
+        state.begin_call(Routing({"intuition": intuition}))
+        with state.collect_aux() as aux:
+            torch.manual_seed(7)  # the same dropout mask
+            y = forward(site, x, state) if forward is not None else old_forward(site, x, intuition, state)
+            state.end_call()
+        loss = (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum() + sum(aux.values(), 0.0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in site.named_parameters()}
+        grads |= {"x": x.grad, "intuition": intuition.grad if site.use_intuition else None}
+        return y.detach(), grads, {k: float(v.detach()) for k, v in aux.items()}
+
+    y_new, g_new, aux_new = run(lambda s, x, state: s(x, state))
+    y_old, g_old, aux_old = run(None)
+    torch.testing.assert_close(y_new, y_old, rtol=0, atol=1e-13)
+    assert aux_new.keys() == aux_old.keys() == ({"load_balance"} if case == "load-balance" else set())
+    for k in aux_new:
+        assert aux_new[k] == pytest.approx(aux_old[k], rel=1e-13)
+    for name, want in g_old.items():
+        if want is None:
+            assert g_new[name] is None
+            continue
+        assert want.abs().sum() > 0, name
+        torch.testing.assert_close(g_new[name], want, rtol=0, atol=1e-12, msg=name)
+
+
+def saved_bytes(layer, x, *params):
+    """Bytes of the distinct storages autograd keeps for backward of ``layer(x)``, leaving out
+    x's (the base layer keeps x for its own backward) and the parameters'."""
+    skip = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in params}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(storages.values())
+
+
+def test_saved_for_backward_is_at_most_loras_at_equal_parameters():
+    from tensorft.adapters.lora import LoraSite
+
+    # issue 10: peak memory per step no higher than lora at equal trainable parameters; per
+    # token and adapted layer plain autograd kept ~108 values at 4 x 8 against lora's r = 22
+    d, rows, seq = 64, 4, 128
+    site = make_site(d_in=d, d_out=d)
+    site.train()
+    trex_params = sum(p.numel() for p in site.parameters())
+    rank = round(trex_params / (2 * d))  # 2817 / 128 -> 22
+    lora = LoraSite(Site("layer", "layer", None, 0, d, d), rank, 2.0, 0.0)
+    assert abs(sum(p.numel() for p in lora.parameters()) - trex_params) <= d
+    x = torch.randn(rows, seq, d, requires_grad=True)
+    intuition = scores(rows)
+
+    def trex_layer(forward):
+        def layer(x):
+            state = AdapterState()
+            state.begin_call(Routing({"intuition": intuition}))
+            try:
+                return forward(x, state)
+            finally:
+                state.end_call()
+        return layer
+
+    params = list(site.parameters()) + list(lora.parameters())
+    lora_bytes = saved_bytes(lambda x: lora(x, AdapterState()), x, *params)
+    new_bytes = saved_bytes(trex_layer(site), x, *params)
+    old_bytes = saved_bytes(trex_layer(lambda x, state: old_forward(site, x, intuition, state)), x, *params)
+    tokens_ = rows * seq
+    assert lora_bytes == tokens_ * rank * 4  # x A^T
+    # margin 0: at most lora's; per token only h (I = 4 values), plus per layer the scaled A
+    # (d_out x I), the intuition (rows x K) and w
+    assert new_bytes <= lora_bytes, (new_bytes / tokens_ / 4, lora_bytes / tokens_ / 4)
+    assert new_bytes <= (tokens_ * 4 + d * 4 + rows * K + 1) * 4
+    assert old_bytes > 4 * lora_bytes  # what the test guards against: ~108 values per token

@@ -26,8 +26,14 @@ Computed as three thin products per token, never a ``d_out x d_in`` update::
 
     [W_g x; v] = [W_g; B^T] x (K + J),   h = (G / K) v (I),   dy = (s K A) h (d_out)
 
-(the router logits and ``v = B^T x`` come from one product, so x is read and kept for backward
-once; K and s scale the small factor A, not a per-token tensor).
+(the router logits and ``v = B^T x`` come from one product; K and s scale the small factor A,
+not a per-token tensor). Memory: the routing part ``x -> h`` is one autograd function
+(``_Routing``) that keeps only its inputs for backward (x, which the base layer keeps anyway,
+and the small W_g, B^T, intuition and w) and recomputes the (K + J)-wide product and both
+softmaxes in backward, so per token and layer the graph keeps ``h`` (I values) besides x, not
+the ~108 values (logits, ``v``, two softmax outputs) plain autograd keeps at 4 x 8: LoRA at
+equal parameters keeps its r (about 22). The cost is one more (K + J) x d_in product per token
+in backward.
 
 Init: ``A = 0`` (so the model equals the base at step 0 for any routing), ``B`` Kaiming-uniform
 (LoRA's A), ``W_g = 0`` (uniform routing), ``w0 = 0`` (w = 1/2). Parameters per layer:
@@ -91,6 +97,89 @@ def trex_delta(x: torch.Tensor, out_vectors: torch.Tensor, in_vectors: torch.Ten
     return F.linear(h, out_vectors)  # (..., d_out)
 
 
+def _fuse(p: torch.Tensor, score: torch.Tensor | None, w: torch.Tensor | None, K: int, c: float) -> torch.Tensor:
+    """``G / K`` from ``p = softmax(W_g x)``: ``softmax(w K p + (1 - w) c I(x))``, or p alone."""
+    if score is None:
+        return p
+    return torch.softmax(w * K * p + (1 - w) * c * score, dim=-1)
+
+
+class _Routing(torch.autograd.Function):
+    """``h = (G / K) B^T x`` per token, and ``P = G / K`` (..., K) for the router statistics.
+
+    Saves only its inputs: ``x_router`` and ``x_in`` are the adapter's input (one tensor
+    without dropout), which the base layer keeps for its own backward, so they cost nothing
+    more; the logits, ``v`` and both softmax outputs (~108 values per token at 4 x 8) are
+    recomputed in backward. ``P`` is differentiable (the load-balancing loss reads it); unused,
+    its gradient is None. Same forward ops as plain autograd, so outputs are bitwise the same."""
+
+    @staticmethod
+    def _forward(x_router, x_in, router, in_vectors, score, w, I, J, c, shared):
+        K = I * J
+        if shared:  # router logits and B^T x from one product: x is read once
+            logits, v = F.linear(x_router, torch.cat([router, in_vectors])).split([K, J], dim=-1)
+        else:  # the router reads x before dropout
+            logits, v = F.linear(x_router, router), F.linear(x_in, in_vectors)
+        p = torch.softmax(logits, dim=-1)  # ONE softmax over the K logits
+        P = _fuse(p, score, w, K, c)
+        return v, p, P
+
+    @staticmethod
+    def forward(ctx, x_router, x_in, router, in_vectors, score, w, I, J, c):
+        shared = x_router is x_in
+        v, _, P = _Routing._forward(x_router, x_in, router, in_vectors, score, w, I, J, c, shared)
+        h = torch.einsum("...ij,...j->...i", P.reshape(*P.shape[:-1], I, J), v)  # (..., I)
+        ctx.save_for_backward(x_router, None if shared else x_in, router, in_vectors, score, w)
+        ctx.dims, ctx.shared = (I, J, c), shared
+        ctx.set_materialize_grads(False)
+        return h, P
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h, grad_P):
+        x_router, x_in, router, in_vectors, score, w = ctx.saved_tensors
+        I, J, c = ctx.dims
+        K = I * J
+        if ctx.shared:
+            x_in = x_router
+        v, p, P = _Routing._forward(x_router, x_in, router, in_vectors, score, w, I, J, c, ctx.shared)
+        # dL/dP from h = P v (and from the statistics' P, if a loss read it)
+        if grad_h is not None:
+            gP = (grad_h.unsqueeze(-1) * v.unsqueeze(-2)).reshape(P.shape)
+            gv = torch.einsum("...ij,...i->...j", P.reshape(*P.shape[:-1], I, J), grad_h)
+            if grad_P is not None:
+                gP = gP + grad_P
+        else:
+            gP, gv = grad_P, torch.zeros_like(v)
+        g_score = g_w = None
+        if score is not None:  # back through softmax(w K p + (1 - w) c score)
+            gz = P * (gP - (gP * P).sum(-1, keepdim=True))
+            if ctx.needs_input_grad[5]:
+                g_w = (gz * (K * p - c * score)).sum().reshape(w.shape)
+            if ctx.needs_input_grad[4]:
+                g_score = ((1 - w) * c * gz).sum(tuple(range(1, gz.dim() - 1)), keepdim=True)
+            gP = w * K * gz
+        g_logits = p * (gP - (gP * p).sum(-1, keepdim=True))  # back through softmax(W_g x)
+        g_xr = g_xi = g_router = g_in = None
+        if ctx.shared:
+            g_proj = torch.cat([g_logits, gv], dim=-1)  # (..., K + J)
+            if ctx.needs_input_grad[0]:
+                g_xr = g_proj @ torch.cat([router, in_vectors])
+            if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+                g_w_all = g_proj.reshape(-1, K + J).t() @ x_router.reshape(-1, x_router.shape[-1])
+                g_router, g_in = g_w_all.split([K, J], dim=0)
+        else:
+            if ctx.needs_input_grad[0]:
+                g_xr = g_logits @ router
+            if ctx.needs_input_grad[1]:
+                g_xi = gv @ in_vectors
+            if ctx.needs_input_grad[2]:
+                g_router = g_logits.reshape(-1, K).t() @ x_router.reshape(-1, x_router.shape[-1])
+            if ctx.needs_input_grad[3]:
+                g_in = gv.reshape(-1, J).t() @ x_in.reshape(-1, x_in.shape[-1])
+        return g_xr, g_xi, g_router, g_in, g_score, g_w, None, None, None
+
+
 class TrexSite(SiteAdapter):
     def __init__(self, site: Site, I: int, J: int, options: TrexOptions, scale: float, dropout: float, lb_weight: float):
         super().__init__(site, dropout)
@@ -125,12 +214,16 @@ class TrexSite(SiteAdapter):
     def routing_probs(self, logits: torch.Tensor, intuition: torch.Tensor | None) -> torch.Tensor:
         """``G / K`` from the router logits: (..., I, J), summing to 1 over the experts."""
         p = torch.softmax(logits, dim=-1)  # ONE softmax over the K logits
-        if self.use_intuition:
-            w = self.gate_value()
-            self.gate_seen = w.detach()
-            score = intuition.to(p.dtype).reshape(intuition.shape[0], *([1] * (p.dim() - 2)), self.K)
-            p = torch.softmax(w * self.K * p + (1 - w) * self.intuition_scale * score, dim=-1)
+        score, w = self._score_and_gate(intuition, p.dtype, p.dim())
+        p = _fuse(p, score, w, self.K, self.intuition_scale)
         return p.reshape(*p.shape[:-1], self.I, self.J)
+
+    def _score_and_gate(self, intuition, dtype, dim):
+        if not self.use_intuition:
+            return None, None
+        w = self.gate_value()
+        self.gate_seen = w.detach()
+        return intuition.to(dtype).reshape(intuition.shape[0], *([1] * (dim - 2)), self.K), w
 
     def forward(self, x: torch.Tensor, state: AdapterState) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -144,14 +237,11 @@ class TrexSite(SiteAdapter):
                     f"adapter kind 'trex': intuition must be (batch, {self.K}) scores, got {tuple(intuition.shape)}"
                 )
             intuition = intuition.expand(rows.shape[0], self.K)
-        if isinstance(self.dropout, nn.Identity):
-            # router logits and B^T x from one product: x is read (and kept for backward) once
-            proj = F.linear(rows, torch.cat([self.router, self.in_vectors]))
-            logits, v = proj.split([self.K, self.J], dim=-1)
-        else:  # the router reads x before dropout
-            logits, v = F.linear(rows, self.router), F.linear(self.dropout(rows), self.in_vectors)
-        P = self.routing_probs(logits, intuition)  # G = K P
-        h = torch.einsum("...ij,...j->...i", P, v)  # (..., I)
+        # the router reads x before dropout; without dropout both are rows (one product)
+        x_in = rows if isinstance(self.dropout, nn.Identity) else self.dropout(rows)
+        score, w = self._score_and_gate(intuition, rows.dtype, rows.dim())
+        # keeps only its inputs for backward (see _Routing), not the (K + J)-wide products
+        h, P = _Routing.apply(rows, x_in, self.router, self.in_vectors, score, w, self.I, self.J, self.intuition_scale)
         # K and the scale go on the small factor: no (tokens x K) copy of G kept for backward
         y = F.linear(h, self.out_vectors * (self.scale * self.K))
         if self.training or self.record_usage:
@@ -160,7 +250,7 @@ class TrexSite(SiteAdapter):
 
     def _router_statistics(self, P: torch.Tensor, state: AdapterState, shape) -> None:
         frame = state.call_frame()
-        probs = P.reshape(*shape, self.K)
+        probs = P.reshape(*shape, self.K)  # P: (rows, tokens, K) = G / K
         mask = frame.inputs.get(MASK)
         if mask is not None and tuple(mask.shape) == tuple(shape):
             weight = mask.to(probs.device, probs.dtype).unsqueeze(-1)
