@@ -671,3 +671,32 @@ def test_saved_for_backward_is_at_most_loras_at_equal_parameters():
     assert new_bytes <= lora_bytes, (new_bytes / tokens_ / 4, lora_bytes / tokens_ / 4)
     assert new_bytes <= (tokens_ * 4 + d * 4 + rows * K + 1) * 4
     assert old_bytes > 4 * lora_bytes  # what the test guards against: ~108 values per token
+
+
+def test_routing_function_under_bf16_autocast_matches_float32():
+    """The trainers run forward under bf16 autocast and backward outside it (train.bf16): the
+    routing function computes in the parameters' dtype both times (a bf16 forward and a float32
+    recompute met in backward: "expected scalar type Float but found BFloat16")."""
+    site = make_site(intuition=True).train()
+    with torch.no_grad():
+        site.out_vectors.normal_()
+    x0 = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(3))
+
+    def run(autocast: bool):
+        site.zero_grad()
+        x = x0.clone().requires_grad_()
+        state = AdapterState()
+        state.begin_call(Routing({"intuition": scores(3)}))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = site(x, state)
+        state.end_call()
+        (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        return y.float().detach(), {n: p.grad.clone() for n, p in site.named_parameters()}
+
+    y16, g16 = run(True)
+    y32, g32 = run(False)
+    # bf16 outside the routing function (the output product): bf16's relative precision
+    torch.testing.assert_close(y16, y32, rtol=0, atol=0.02 * y32.abs().max().item())
+    for name, want in g32.items():
+        assert torch.isfinite(g16[name]).all(), name
+        torch.testing.assert_close(g16[name], want, rtol=0.1, atol=0.05 * want.abs().max().item() + 1e-6, msg=name)

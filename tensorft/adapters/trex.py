@@ -127,8 +127,11 @@ class _Routing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_router, x_in, router, in_vectors, score, w, I, J, c):
         shared = x_router is x_in
-        v, _, P = _Routing._forward(x_router, x_in, router, in_vectors, score, w, I, J, c, shared)
-        h = torch.einsum("...ij,...j->...i", P.reshape(*P.shape[:-1], I, J), v)  # (..., I)
+        # In the parameters' dtype, autocast off: backward recomputes in that dtype (it runs
+        # outside autocast), so forward must too, or bf16 and float32 tensors would meet there.
+        with torch.autocast(x_router.device.type, enabled=False):
+            v, _, P = _Routing._forward(x_router, x_in, router, in_vectors, score, w, I, J, c, shared)
+            h = torch.einsum("...ij,...j->...i", P.reshape(*P.shape[:-1], I, J), v)  # (..., I)
         ctx.save_for_backward(x_router, None if shared else x_in, router, in_vectors, score, w)
         ctx.dims, ctx.shared = (I, J, c), shared
         ctx.set_materialize_grads(False)
@@ -137,7 +140,13 @@ class _Routing(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_h, grad_P):
-        x_router, x_in, router, in_vectors, score, w = ctx.saved_tensors
+        saved = ctx.saved_tensors  # read once: checkpointing allows one unpack
+        with torch.autocast(saved[0].device.type, enabled=False):
+            return _Routing._backward(ctx, saved, grad_h, grad_P)
+
+    @staticmethod
+    def _backward(ctx, saved, grad_h, grad_P):
+        x_router, x_in, router, in_vectors, score, w = saved
         I, J, c = ctx.dims
         K = I * J
         if ctx.shared:
