@@ -245,6 +245,12 @@ class AdapterTrainerMixin:
             if weights[i] > 0
         }
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        # trl writes a README.md model card into checkpoints/ at every save, built from PEFT's
+        # config, so it names the base model "None"; a tensorft adapter's adapter_config.json
+        # names its base and kind.
+        return None
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # The eval loss as the Trainer computes it (per task for a dict of sets), then, on the
         # top-level call, the held-out accuracy of the multiple-choice sets.

@@ -87,6 +87,7 @@ def test_sft_loss_falls_and_only_the_adapter_changes(workdir):
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.15  # the same 8 rows every step
     assert os.listdir(out / "tensorboard")
     assert yaml.safe_load((out / "config.yaml").read_text())["adapter"]["kind"] == "cp"
+    assert os.listdir(out / "checkpoints") and not (out / "checkpoints" / "README.md").exists()  # no trl card
     model = tensorft.from_pretrained(str(out))
     from transformers import AutoModelForCausalLM
 
