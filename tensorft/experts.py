@@ -65,7 +65,7 @@ def run(cfg: Config) -> int:
 
 
 def main(argv=None) -> int:
-    from .train import build_parser
+    from .train import build_parser, close_process_group
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     except TensorftError as e:
         print(f"tensorft: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        close_process_group()
 
 
 if __name__ == "__main__":
