@@ -513,9 +513,10 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = (time.perf_counter(), state.num_input_tokens_seen)
         if state.global_step and state.is_world_process_zero and os.path.isfile(self.path):
-            # resumed: the steps after the checkpoint are logged again by this run
+            # resumed: the steps after the checkpoint are logged again by this run (and a line
+            # cut short by the kill is dropped)
             with open(self.path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+                kept = [line for line in f if _logged_step(line) is not None and _logged_step(line) <= state.global_step]
             write_text(self.path, "".join(kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -546,6 +547,13 @@ class MetricsCallback(TrainerCallback):
         }
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def _logged_step(line: str) -> int | None:
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return None
 
 
 class RunInfoCallback(TrainerCallback):

@@ -431,6 +431,8 @@ def test_relaxed_bernoulli_run_resumed_from_a_checkpoint_equals_the_uninterrupte
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         if not keep_rng:
             (out / "checkpoints" / "checkpoint-2" / "rng_state.pth").unlink()
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write('{"step": 5, "loss": 1.2')  # a line cut short by the kill
         assert launch(config(name)) == 0, capsys.readouterr().err[-2000:]
         assert "resuming from" in capsys.readouterr().err
         return load_file(out / "adapter_model.safetensors")
