@@ -128,3 +128,16 @@ def tokens(batch=2, seq=7, vocab=128, seed=0):
 @pytest.fixture
 def hub_offline():
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(frozen tiny chat Llama in eval mode, its tokenizer): the benchmarks' tests train
+    adapters on it in-process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = save_tiny_chat_llama(tmp_path_factory.mktemp("tiny_llama"))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(path)

@@ -8,8 +8,6 @@ import sys
 import pytest
 import torch
 
-from conftest import save_tiny_chat_llama
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -28,17 +26,6 @@ def synthetic_rows(n):
         rows.append({"prompt": f"Item {i}: the {color} one.\nAnswer:",
                      "options": [" warm", " cold and wet", " neither"], "gold": (i * 7 + len(color)) % 3})
     return rows
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = save_tiny_chat_llama(tmp_path_factory.mktemp("tiny_llama"))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(path)
 
 
 def _pad(tokenizer):

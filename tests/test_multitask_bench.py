@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import randomize_adapters, save_tiny_chat_llama
+from conftest import randomize_adapters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,17 +28,6 @@ def task_rows(task, n):
     word = "Guess" if task == 0 else "Reverse"
     return [{"prompt": f"{word} item {i}: the {COLORS[i % len(COLORS)]} one.\nAnswer:",
              "options": [" warm", " cold and wet", " neither"], "gold": (i * 7 + task) % 3} for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = save_tiny_chat_llama(tmp_path_factory.mktemp("tiny_llama"))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(path)
 
 
 def splits(tok):
