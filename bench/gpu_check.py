@@ -10,7 +10,8 @@ lines and the others still run):
    random weights, bf16 compute) with tensorft lora, cp and tt against PEFT LoRA + trl at the
    same settings (``bench/train_sft.py``): tokens/s and peak memory.
 3. ``launch``: the launcher on one GPU under each strategy: DDP and DeepSpeed ZeRO-2 with the
-   nf4 base, ZeRO-3 and FSDP2 with the bf16 base (cp, activation checkpointing), DPO with the
+   nf4 base, ZeRO-3 and FSDP2 with the bf16 base and with the nf4 base (packed 4-bit weights
+   sharded; cp, activation checkpointing), DPO with the
    nf4 base in one process and DPO under FSDP2: exit code, tokens/s, peak memory.
 
 Results: ``--out`` (default bench/results/gpu_check/) gets ``results.json`` and ``summary.md``
@@ -54,7 +55,8 @@ def build_base(args, work: str) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tensorft.pretrained import smollm2_135m_instruct
+    sys.path.insert(0, ROOT)  # scripts/ (the demo's model) from the checkout
+    from scripts.demo_assets import smollm2_135m_instruct
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_135m_instruct())
     dims = TINY if args.tiny else LLAMA2_7B
@@ -111,6 +113,8 @@ LAUNCHES = {  # name -> (distributed section, quantization, objective)
     "zero2-nf4": ({"strategy": "deepspeed", "zero_stage": 2}, "nf4", "sft"),
     "zero3-bf16": ({"strategy": "deepspeed", "zero_stage": 3}, "none", "sft"),
     "fsdp2-bf16": ({"strategy": "fsdp"}, "none", "sft"),
+    "zero3-nf4": ({"strategy": "deepspeed", "zero_stage": 3}, "nf4", "sft"),
+    "fsdp2-nf4": ({"strategy": "fsdp"}, "nf4", "sft"),
     "dpo-nf4": ({"strategy": "none"}, "nf4", "dpo"),
     "dpo-fsdp2-bf16": ({"strategy": "fsdp"}, "none", "dpo"),
 }

@@ -20,7 +20,10 @@ never in a step, so its cost is timed apart (``--encoder-examples``): all-MiniLM
 Timing under contention: all models live in one process and the kinds are timed round-robin,
 one step each per round, so a busy neighbour slows every kind alike; the table reports the
 median per kind and the ratio of medians to lora, plus each round's ratio spread (min..max).
-Use ``OMP_NUM_THREADS`` equal to the cores you have to yourself.
+Use ``OMP_NUM_THREADS`` equal to the cores you have to yourself. On a shared CPU machine run
+with one thread: each step's CPU time (``time.thread_time``: the work the step did, whatever
+the neighbours take) is recorded next to its wall time, and the ratios of both are reported;
+on a GPU only the wall time means anything.
 
 Peak memory: the live-tensor high-water mark of one extra step above what was live before it,
 replayed from ``torch.profiler`` allocation events (bench/adapter_step.py's function).
@@ -206,17 +209,20 @@ def main(argv=None) -> int:
     peaks = {k: adapter_step.profiled_step_peak_mb(steps[k], args.device) for k in kinds}
 
     times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu_times: dict[str, list[float]] = {k: [] for k in kinds}
     for r in range(args.rounds):
         order = kinds[r % len(kinds):] + kinds[: r % len(kinds)]  # rotate: no kind always first
         for k in order:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             steps[k]()
             times[k].append(time.perf_counter() - start)
+            cpu_times[k].append(time.thread_time() - cpu_start)
 
-    lora = statistics.median(times["lora"])
+    lora, lora_cpu = statistics.median(times["lora"]), statistics.median(cpu_times["lora"])
     rows = []
     for k in kinds:
         per_round = [t / base for t, base in zip(times[k], times["lora"])]
+        cpu_per_round = [t / base for t, base in zip(cpu_times[k], cpu_times["lora"])]
         rows.append({
             "kind": k,
             "rank": lora_rank if k == "lora" else args.rank,
@@ -226,6 +232,10 @@ def main(argv=None) -> int:
             "ratio_to_lora": statistics.median(times[k]) / lora,
             "round_ratio_min": min(per_round),
             "round_ratio_max": max(per_round),
+            "cpu_median_s": statistics.median(cpu_times[k]),
+            "cpu_ratio_to_lora": statistics.median(cpu_times[k]) / lora_cpu,
+            "cpu_round_ratio_min": min(cpu_per_round),
+            "cpu_round_ratio_max": max(cpu_per_round),
             "step_peak_mb": peaks[k],
             "peak_ratio_to_lora": peaks[k] / peaks["lora"],
         })
@@ -238,12 +248,14 @@ def main(argv=None) -> int:
               "rows": rows, **({"encoder": encoder} if encoder else {})}
     print(f"# {machine}\n# {command}\n# batch {args.batch} x {args.seq}, {args.tasks} tasks per batch, "
           f"rank {args.rank} (lora {lora_rank}), targets {','.join(args.targets)}, {args.layers} layers, {args.rounds} rounds")
-    print("| kind | trainable params | step (median) | vs lora | per-round range | step peak | vs lora |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| kind | trainable params | step wall (median) | vs lora | per-round range "
+          "| step CPU time (median) | vs lora | per-round range | step peak | vs lora |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['kind']} | {row['params']:,} | {row['median_s']:.3f} s | {row['ratio_to_lora']:.3f}x | "
-              f"{row['round_ratio_min']:.2f}-{row['round_ratio_max']:.2f} | {row['step_peak_mb']:.0f} MB | "
-              f"{row['peak_ratio_to_lora']:.3f}x |")
+              f"{row['round_ratio_min']:.2f}-{row['round_ratio_max']:.2f} | {row['cpu_median_s']:.3f} s | "
+              f"{row['cpu_ratio_to_lora']:.3f}x | {row['cpu_round_ratio_min']:.2f}-{row['cpu_round_ratio_max']:.2f} | "
+              f"{row['step_peak_mb']:.0f} MB | {row['peak_ratio_to_lora']:.3f}x |")
     if encoder:
         print(f"# intuition encoder {encoder['encoder']}: {encoder['per_example_ms_median']:.2f} ms per example "
               f"(median of {encoder['repeats']}, range {encoder['per_example_ms_min']:.2f}-"

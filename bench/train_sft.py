@@ -129,7 +129,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     if args.model is None:
-        from tensorft.pretrained import smollm2_135m_instruct
+        sys.path.insert(0, ROOT)  # scripts/ (the demo's model) from the checkout
+        from scripts.demo_assets import smollm2_135m_instruct
 
         args.model = smollm2_135m_instruct()
     if args.one:

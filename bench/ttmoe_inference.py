@@ -28,8 +28,9 @@ ratio range are reported.
 Memory: the experts' stored cores (bytes) against E times one expert's; the live-tensor peak
 of a prefill and of the decode steps above what was live before (replayed from
 ``torch.profiler``, ``adapter_step.profiled_step_peak_mb``); and what the MoE keeps for a
-generate call in the cache's generation memory (each present expert's factors and, from the
-first decode step, every row's gathered factors).
+generate call in the cache's generation memory (from the first decode step of a batch mixing
+experts, each row's expert's TT cores; a call whose rows all run one expert keeps that
+expert's factors).
 
 Correctness, checked on every run: the MoE's logits (prefill and last decode step) on the rows
 routed to expert 0 equal the tt model's, and on the rows routed to the highest expert present

@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from scripts.demo import build_data, evaluate, read_jsonl
-    from tensorft.pretrained import smollm2_135m_instruct
+    from scripts.demo_assets import smollm2_135m_instruct
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model_dir = smollm2_135m_instruct()

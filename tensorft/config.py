@@ -25,8 +25,12 @@ TASKS = ("causal-lm", "seq-cls")
 
 @dataclass
 class ModelConfig:
+    # A hub id or a directory; a relative path is relative to the working directory (as every
+    # path a config names: data files, output_dir, init_from, experts; never the config file's).
     name_or_path: str = ""
     quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
+    # What the base's weights are loaded and kept in (a 4/8-bit base: the dtype its matmuls
+    # compute in). Adapter parameters are float32 whatever it is. train.bf16 is the other knob.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # causal-lm: AutoModelForCausalLM; seq-cls: AutoModelForSequenceClassification (encoders).
     task: Literal["causal-lm", "seq-cls"] = "causal-lm"
@@ -45,7 +49,10 @@ class AdapterConfig:
     dropout: float = 0.0
     # Whole modules trained and saved next to the adapter (a classification head, say).
     modules_to_save: list[str] = field(default_factory=list)
-    seed: int = 0
+    # The adapter's initialization seed. null (default): train.seed in a training config (one
+    # seed for the whole run), 0 through the Python API; set it only to vary the
+    # initialization alone.
+    seed: int | None = None
     # Learning-rate multiplier for every adapter parameter; null: the kind's own defaults
     # (tensorft/optim.py), which make the LoRA learning rate of a config work for every kind.
     lr_scale: float | None = None
@@ -97,6 +104,16 @@ class AdapterConfig:
 
 
 DataFormat = Literal["alpaca", "messages", "prompt-completion", "text", "preference", "multiple-choice", "classification"]
+# The fields each data.format reads (what data.columns may map); tensorft/data.py reads them.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output"),
+    "messages": ("messages",),
+    "prompt-completion": ("prompt", "completion"),
+    "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "multiple-choice": ("prompt", "options", "gold"),
+    "classification": ("text", "label"),
+}
 
 
 @dataclass
@@ -146,12 +163,16 @@ class TrainConfig:
     packing: bool = False
     completion_only_loss: bool = True  # SFT: loss on the completion only
     dpo_beta: float = 0.1
+    # The run's one seed: data order and mixing, dropout and routing noise, and the adapter's
+    # initialization (unless adapter.seed is set).
     seed: int = 42
     logging_steps: int = 10
     save_steps: int = 200
     save_total_limit: int = 2
     eval_steps: int | None = None
     gradient_checkpointing: bool = False
+    # bfloat16 autocast of the training forward and backward (the Trainer's bf16; DeepSpeed's
+    # bf16 section): the compute precision. model.dtype is what the weights are stored in.
     bf16: bool = False
 
 
@@ -359,6 +380,8 @@ def parse_config(data: dict) -> Config:
     )
     _check_values(cfg)
     _check_task_names(cfg, data.get("adapter") or {})
+    if cfg.adapter.seed is None:
+        cfg.adapter.seed = cfg.train.seed  # one seed for the run; adapter.seed only overrides it
     return cfg
 
 
@@ -375,7 +398,26 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("train.max_steps / train.epochs: nothing to train (set max_steps > 0 or epochs > 0)")
     if cfg.distributed.zero_stage not in (2, 3):
         raise ConfigError(f"distributed.zero_stage: must be 2 or 3, got {cfg.distributed.zero_stage}")
+    _check_precision(cfg)
     _check_data(cfg)
+
+
+def _check_precision(cfg: Config) -> None:
+    """model.dtype says what the base's weights are stored in, train.bf16 whether training
+    computes in bfloat16 (autocast): refuse the combinations where one contradicts the other."""
+    if not cfg.train.bf16:
+        return
+    dtype = cfg.model.dtype
+    if dtype == "float16":
+        raise ConfigError(
+            "train.bf16: true computes in bfloat16, but model.dtype: float16 stores the base in float16; "
+            "set model.dtype: bfloat16 (or float32), or train.bf16: false"
+        )
+    if cfg.distributed.strategy == "deepspeed" and cfg.model.quantization == "none" and dtype != "bfloat16":
+        raise ConfigError(
+            f"train.bf16: DeepSpeed's bf16 casts the whole base to bfloat16, but model.dtype is {dtype}; "
+            "set model.dtype: bfloat16 (what DeepSpeed trains in), or train.bf16: false"
+        )
 
 
 def _check_data(cfg: Config) -> None:
@@ -390,12 +432,10 @@ def _check_data(cfg: Config) -> None:
 
 def _check_format(cfg: Config, fmt: str, columns: dict, key: str) -> None:
     """The format suits the objective and ``columns`` names its fields (``key``: where they are)."""
-    from .data import FIELDS
-
     fmt_key = f"{key}.format"
     for name, column in columns.items():
-        if name not in FIELDS[fmt]:
-            fields = ", ".join(FIELDS[fmt])
+        if name not in FORMAT_FIELDS[fmt]:
+            fields = ", ".join(FORMAT_FIELDS[fmt])
             raise ConfigError(f"{key}.columns.{name}: not a field of {fmt_key} {fmt} (fields: {fields})")
         if not isinstance(column, str) or not column:
             raise ConfigError(f"{key}.columns.{name}: expected a column name, got {column!r}")
@@ -451,12 +491,10 @@ def _check_task_names(cfg: Config, adapter: dict) -> None:
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
-    """Read, override and validate a YAML config. Relative model paths resolve from the file."""
+    """Read, override and validate a YAML config.
+
+    Every relative path in it (model.name_or_path, data files, train.output_dir,
+    adapter.init_from, ...) is relative to the working directory, as a path on the command line
+    is: never to the config file's directory. Errors print the resolved path."""
     data = apply_overrides(read_yaml(path), overrides or [])
-    cfg = parse_config(data)
-    name = cfg.model.name_or_path
-    if name and not os.path.isabs(name):
-        candidate = os.path.join(os.path.dirname(os.path.abspath(path)), name)
-        if os.path.exists(candidate) and not os.path.exists(name):
-            cfg.model.name_or_path = os.path.normpath(candidate)
-    return cfg
+    return parse_config(data)

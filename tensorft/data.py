@@ -31,6 +31,7 @@ import json
 import os
 from typing import Any, Callable, Iterator
 
+from .config import FORMAT_FIELDS
 from .errors import TensorftError
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -150,16 +151,10 @@ CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "classification": classification,
 }
 FORMATS = tuple(CONVERTERS)
-# The fields each format reads (what data.columns may map).
-FIELDS = {
-    "alpaca": ("instruction", "input", "output"),
-    "messages": ("messages",),
-    "prompt-completion": ("prompt", "completion"),
-    "text": ("text",),
-    "preference": ("prompt", "chosen", "rejected"),
-    "multiple-choice": ("prompt", "options", "gold"),
-    "classification": ("text", "label"),
-}
+# The fields each format reads (what data.columns may map): declared with the config schema,
+# which checks data.columns without importing this module (the core imports no training code).
+FIELDS = FORMAT_FIELDS
+assert set(FIELDS) == set(CONVERTERS), "every data.format needs its fields in tensorft.config.FORMAT_FIELDS"
 
 
 # --------------------------------------------------------------------------- reading
@@ -245,7 +240,8 @@ def read_rows(
 def _source_rows(source: str, key: str) -> Iterator[tuple[str, Any]]:
     if is_local(source):
         if not os.path.isfile(source):
-            raise TensorftError(f"{key}: {source}: no such file")
+            where = "" if os.path.isabs(source) else ", relative to the working directory"
+            raise TensorftError(f"{key}: {source}: no such file (looked for {os.path.abspath(source)}{where})")
         suffix = os.path.splitext(source)[1]
         if suffix not in READERS:
             raise TensorftError(f"{key}: {source}: unsupported file type (use {', '.join(LOCAL_SUFFIXES)})")

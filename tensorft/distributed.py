@@ -1,69 +1,20 @@
-"""Sharded adapters: FSDP2 sharding, gathering and loading sharded adapter weights, and a
-report of what is really sharded.
+"""Sharded training: FSDP2 sharding, a report of what is really sharded, decisions every rank
+shares.
 
-Three layouts reach the code that saves or loads an adapter:
-- plain tensors (single process, DDP, ZeRO-2): every rank holds everything;
-- DTensors (FSDP2): each rank holds a slice, ``full_tensor()`` all-gathers;
-- ZeRO-3 parameters: ``p.data`` is empty between forwards, ``GatheredParameters`` all-gathers.
-Gathering is collective: every rank calls these functions, rank 0 writes.
+Gathering and loading an adapter in each layout (plain tensors, FSDP2 DTensors, ZeRO-3
+parameters) belongs to the core, in tensorft/saving.py (re-exported here): saving and loading
+an adapter never imports this training module.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from torch import nn
 
 from .model import adapter_parameters, unwrap
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(p, DTensor)
-
-
-def _is_zero3(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
-
-
-@contextlib.contextmanager
-def _zero3_gathered(params: list[torch.Tensor], modifier_rank=None):
-    if any(_is_zero3(p) for p in params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p for p in params if _is_zero3(p)], modifier_rank=modifier_rank):
-            yield
-    else:
-        yield
-
-
-def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's full (unsharded) tensors on CPU. Collective under FSDP2 and ZeRO-3."""
-    params = adapter_parameters(unwrap(model))
-    out = {}
-    with _zero3_gathered(list(params.values())):
-        for name, p in params.items():
-            t = p.full_tensor() if _is_dtensor(p) else p
-            out[name] = t.detach().to("cpu").contiguous().clone()
-    return out
-
-
-def load_full_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy full tensors into the adapter parameters, whatever their layout. Collective under
-    FSDP2 and ZeRO-3; every rank passes the same tensors."""
-    params = adapter_parameters(unwrap(model))
-    with torch.no_grad(), _zero3_gathered(list(params.values()), modifier_rank=0):
-        for name, p in params.items():
-            full = tensors[name].to(dtype=p.dtype)
-            if _is_dtensor(p):
-                from torch.distributed.tensor import distribute_tensor
-
-                local = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements)
-                p.to_local().copy_(local.to_local())
-            else:
-                p.copy_(full.to(p.device))
+# Gathering and loading an adapter in any of these layouts is the core's (tensorft.save and
+# load_adapter_weights use them without importing this training module).
+from .saving import _is_dtensor, _is_zero3, full_adapter_state, load_full_adapter_state  # noqa: F401
 
 
 def is_fsdp2(model: nn.Module) -> bool:
@@ -96,9 +47,22 @@ def shard_fsdp2(model: nn.Module) -> nn.Module:
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
+    root = getattr(model, "tensorft", None)  # a kind's own units (ttmoe: the router, trained by an aux loss)
+    for unit in getattr(root.kind, "fsdp_units", lambda root: [])(root) if root is not None else []:
+        fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
     will_shard_itself(model)
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every FSDP2 unit's gathered parameters. Forward passes without a backward (DPO's
+    reference pass) leave the root gathered; a checkpoint saved later then read freed storage."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def will_shard_itself(model: nn.Module) -> None:

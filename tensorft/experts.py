@@ -21,7 +21,7 @@ import os
 import sys
 
 from .config import Config, load_config
-from .errors import ConfigError, TensorftError
+from .errors import ConfigError, TensorftError, report_error
 
 INDEX = "experts.json"
 
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     try:
         return run(load_config(args.config, args.set))
     except TensorftError as e:
-        print(f"tensorft: error: {e}", file=sys.stderr)
+        report_error(str(e))
         return 2
     finally:
         close_process_group()

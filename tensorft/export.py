@@ -99,25 +99,36 @@ def check_fixed_task(adapter_dir: str, task: str | int | None, purpose: str, exp
         expert_id(kind(adapter, None) if hasattr(kind, "expert_id") else kind, expert)
 
 
-def export_dir(adapter_dir: str, out_dir: str, task: str | int | None = None, expert: str | None = None) -> str:
+def export_dir(adapter_dir: str, out_dir: str, task: str | int | None = None, expert: str | None = None,
+               **model_kwargs) -> str:
     """``tensorft export-peft``: load the adapter, export it (``task``, ``expert`` as in
-    :func:`export_peft`)."""
+    :func:`export_peft`; ``model_kwargs`` as :func:`tensorft.from_pretrained`'s, e.g.
+    ``name_or_path=`` for a base that moved)."""
     check_fixed_task(adapter_dir, task, "export", expert)
-    return export_peft(from_pretrained(adapter_dir), out_dir, task, expert)
+    return export_peft(from_pretrained(adapter_dir, **model_kwargs), out_dir, task, expert)
 
 
 def merge_to_dir(adapter_dir: str, out_dir: str, task: str | int | None = None, expert: str | None = None,
                  **model_kwargs) -> str:
     """Load base + adapter in full precision, merge (``task``: a task-routed kind's task;
-    ``expert``: ttmoe's one expert), and save a dense HF model directory."""
+    ``expert``: ttmoe's one expert), and save a dense HF model directory.
+
+    Full precision: the base is reloaded without quantization in float32, whatever it was
+    trained in (a 4-bit base's bfloat16 compute dtype, a bfloat16 base), so the update is
+    added to float32 weights and written as float32. ``dtype=`` (a ``torch.dtype`` or a name,
+    e.g. ``torch.bfloat16``; ``"auto"``: the dtype it was trained with) writes another;
+    ``quantization=`` and the other :func:`tensorft.from_pretrained` keywords pass through."""
     check_fixed_task(adapter_dir, task, "merge", expert)
     _, model_cfg, _ = read_adapter_config(adapter_dir)
     model_kwargs.setdefault("quantization", "none")  # merge into full-precision weights
+    if model_kwargs.get("dtype", model_kwargs.get("torch_dtype")) is None:  # "auto": as trained
+        model_kwargs.pop("torch_dtype", None)
+        model_kwargs["dtype"] = "float32"
     with new_output_dir(out_dir) as tmp:
         model = from_pretrained(adapter_dir, **model_kwargs)
         model = merge_and_unload(model, task, expert)
         model.save_pretrained(tmp)
-        _copy_tokenizer(model_cfg.name_or_path, tmp)
+        _copy_tokenizer(model_kwargs.get("name_or_path") or model_cfg.name_or_path, tmp)  # --base: the moved base
     return out_dir
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -10,6 +11,27 @@ from .config import ModelConfig
 from .errors import ConfigError, TensorftError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# DeepSpeed logs this at warning level whenever it is imported on a machine without a GPU, and
+# accelerate imports it from every save_pretrained and Trainer: a single-process CPU run or
+# `tensorft merge` printed it though nothing there uses DeepSpeed.
+DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
+
+
+class _DropDeepSpeedCpuNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(DEEPSPEED_CPU_NOTICE)
+
+
+def quiet_deepspeed_cpu_notice() -> None:
+    """Drop that one DeepSpeed log line (its logger, "DeepSpeed", exists before deepspeed is
+    imported: logging returns the same object to it); every other DeepSpeed message stays."""
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropDeepSpeedCpuNotice) for f in logger.filters):
+        logger.addFilter(_DropDeepSpeedCpuNotice())
+
+
+quiet_deepspeed_cpu_notice()  # imported by every path that loads a model (train, merge, export, evaluation)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -53,7 +75,13 @@ def check_source(name_or_path: str) -> None:
         raise ConfigError("model.name_or_path: missing; name a Hugging Face model id or a local directory")
     # A path (not a hub id like "org/name") must exist before anything else starts.
     if name_or_path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
-        raise ConfigError(f"model.name_or_path: {name_or_path} is not a directory")
+        raise ConfigError(f"model.name_or_path: {name_or_path} is not a directory ({_where(name_or_path)})")
+
+
+def _where(path: str) -> str:
+    """Where a relative path was looked for: the working directory, never the config's."""
+    full = os.path.abspath(os.path.expanduser(path))
+    return f"looked for {full}" + ("" if os.path.isabs(os.path.expanduser(path)) else ", relative to the working directory")
 
 
 def _cannot_load(what: str, name: str, e: Exception) -> TensorftError:
@@ -62,8 +90,7 @@ def _cannot_load(what: str, name: str, e: Exception) -> TensorftError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if os.path.isdir(os.path.expanduser(name)):
         return TensorftError(f"model.name_or_path: cannot load the {what} of {name}: {first}")
-    resolved = os.path.abspath(os.path.expanduser(name))
-    return TensorftError(f"model.name_or_path: {name}: no directory {resolved}, and as a hub id: {first}")
+    return TensorftError(f"model.name_or_path: {name}: no such directory ({_where(name)}), and as a hub id: {first}")
 
 
 def load_tokenizer(model_cfg: ModelConfig):
@@ -106,7 +133,9 @@ def build_meta_model(model_cfg: ModelConfig):
         )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TensorftError(f"model.name_or_path: cannot read the config of {model_cfg.name_or_path}: {first}") from None
+        name = model_cfg.name_or_path
+        where = "" if os.path.isdir(os.path.expanduser(name)) else f" (no such directory: {_where(name)}; as a hub id)"
+        raise TensorftError(f"model.name_or_path: cannot read the config of {name}{where}: {first}") from None
     with torch.device("meta"):
         return auto_class(model_cfg).from_config(
             config, dtype=torch_dtype(model_cfg.dtype), trust_remote_code=model_cfg.trust_remote_code

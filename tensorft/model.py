@@ -28,6 +28,7 @@ Routing runtime. Routing inputs are per-row tensors of one forward call, kept in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from typing import Iterator
 
@@ -199,6 +200,8 @@ def attach(model: nn.Module, adapter_config) -> nn.Module:
     update is cast to the layer's output dtype.
     """
     cfg = _as_adapter_config(adapter_config)
+    if cfg.seed is None:  # no training config's train.seed to inherit: 0, saved as such
+        cfg = dataclasses.replace(cfg, seed=0)
     model = unwrap(model)
     if hasattr(model, ROOT_NAME):
         raise TensorftError("model already has tensorft adapters; attach once per model")
@@ -212,14 +215,12 @@ def attach(model: nn.Module, adapter_config) -> nn.Module:
 
     for p in model.parameters():
         p.requires_grad_(False)
+    for name in cfg.modules_to_save:
+        untie(model, name)  # a saved lm_head trains alone, not the embedding tied to it (as PEFT's copy)
 
     state = AdapterState()
     device = _base_device(model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        with torch.device(device):
-            shared = kind.build_shared(sites)
-            adapters = {s.name: kind.build_site(s, shared) for s in sites}
+    shared, adapters = _build_adapters(kind, sites, cfg.seed, device)
     root = TensorftRoot(cfg, kind, shared, state)
     for site in sites:
         base = model.get_submodule(site.name)
@@ -233,6 +234,25 @@ def attach(model: nn.Module, adapter_config) -> nn.Module:
     return model
 
 
+def _build_adapters(kind: AdapterKind, sites: list[Site], seed: int, device: torch.device):
+    """The kind's shared factors and per-site adapters, initialized from ``seed`` alone.
+
+    Built on the CPU from the CPU generator seeded with ``seed`` inside a fork of it, then moved
+    to ``device``: the same seed gives the same adapter on every device, and no global random
+    state changes (the CPU generator is restored on leaving; CUDA's, Python's and NumPy's are
+    never touched: ``torch.manual_seed`` would reseed every CUDA generator of the process).
+    On the meta device (``tensorft params``) nothing is drawn."""
+    build_on = device if device.type == "meta" else torch.device("cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        with torch.device(build_on):
+            shared = kind.build_shared(sites)
+            adapters = {s.name: kind.build_site(s, shared) for s in sites}
+    if shared is not None and device != build_on:
+        shared.to(device)  # in place: the sites' references to the shared factors stay valid
+    return shared, adapters
+
+
 def refresh_trainable(model: nn.Module) -> None:
     """``requires_grad`` of every saved adapter parameter from the kind's frozen set (after
     attach, and after a kind replaced parameters, e.g. a few-shot routing row)."""
@@ -240,6 +260,38 @@ def refresh_trainable(model: nn.Module) -> None:
     frozen = root_of(model).kind.frozen_parameters(unwrap(model), saved)
     for name, p in saved.items():
         p.requires_grad_(name not in frozen)
+
+
+def untie(model: nn.Module, module_name: str) -> list[str]:
+    """Give ``module_name``'s parameters that are shared with another module (tied weights:
+    SmolLM2's ``lm_head`` is its embedding) a copy of their own, and stop transformers from
+    tying them again (``tie_word_embeddings``): training or merging into that module must not
+    change the other. Returns the names of the parameters copied."""
+    module = model.get_submodule(module_name)
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    copied = []
+    for local, p in list(module.named_parameters(recurse=True, remove_duplicate=False)):
+        if all(n.startswith(module_name + ".") for n in owners[id(p)]):
+            continue  # not shared outside the module
+        parent_name, _, attr = local.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+        copied.append(f"{module_name}.{local}")
+    if copied:
+        config = getattr(model, "config", None)
+        configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+        for c in configs:
+            if getattr(c, "tie_word_embeddings", False):
+                c.tie_word_embeddings = False  # a saved (merged) model keeps both matrices
+        tied = getattr(model, "all_tied_weights_keys", None)
+        if isinstance(tied, dict):  # transformers 5: the mapping tie_weights() uses
+            plain = {name.replace(".base_layer.", ".") for name in copied}  # the names transformers knows
+            for target, source in list(tied.items()):
+                if target in plain or source in plain:
+                    tied.pop(target)
+    return copied
 
 
 def _check_modules_to_save(model, cfg: AdapterConfig, sites: list[Site]) -> None:
@@ -480,11 +532,16 @@ def merge(model: nn.Module, task: str | int | None = None, expert: str | None = 
 
     ``task``: for a task-routed kind, the task whose rank-r LoRA is merged (exact: the model
     then computes what the adapter computes with that task id). ``expert``: for ttmoe, the one
-    expert merged (what its own tt adapter merges)."""
+    expert merged (what its own tt adapter merges). An adapted layer whose weight is tied to
+    another module's (``lm_head`` and the embedding) gets its own copy first: the update
+    belongs to that layer only."""
     root = root_of(model)
     task_id = expert_id(root.kind, expert) if expert is not None else fixed_task(root.config, root.kind, task, "merge")
     for layer in root.layers.values():
         layer.check_mergeable()  # all or nothing: fail before any weight changed
+    for name, layer in root.layers.items():
+        if not layer.merged:
+            untie(unwrap(model), f"{name}.base_layer")
     for layer in root.layers.values():
         layer.merge(task_id)
     return model

@@ -170,6 +170,63 @@ def describe_base(model: nn.Module) -> tuple[str, dict]:
     return name, section
 
 
+# --------------------------------------------------------------------------- sharded adapters
+
+# An adapter reaches save and load in one of three layouts: plain tensors (one process, DDP,
+# ZeRO-2: every rank holds everything); DTensors (FSDP2: each rank a slice, ``full_tensor()``
+# all-gathers); ZeRO-3 parameters (``p.data`` empty between forwards, ``GatheredParameters``
+# all-gathers). Gathering is collective: every rank calls these functions, rank 0 writes.
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def _is_zero3(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+@contextlib.contextmanager
+def _zero3_gathered(params: list[torch.Tensor], modifier_rank=None):
+    if any(_is_zero3(p) for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for p in params if _is_zero3(p)], modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
+
+
+def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's full (unsharded) tensors on CPU. Collective under FSDP2 and ZeRO-3."""
+    params = adapter_parameters(unwrap(model))
+    out = {}
+    with _zero3_gathered(list(params.values())):
+        for name, p in params.items():
+            t = p.full_tensor() if _is_dtensor(p) else p
+            out[name] = t.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def load_full_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into the adapter parameters, whatever their layout. Collective under
+    FSDP2 and ZeRO-3; every rank passes the same tensors."""
+    params = adapter_parameters(unwrap(model))
+    with torch.no_grad(), _zero3_gathered(list(params.values()), modifier_rank=0):
+        for name, p in params.items():
+            full = tensors[name].to(dtype=p.dtype)
+            if _is_dtensor(p):
+                from torch.distributed.tensor import distribute_tensor
+
+                local = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+                p.to_local().copy_(local.to_local())
+            else:
+                p.copy_(full.to(p.device))
+
+
+
 # --------------------------------------------------------------------------- save / load
 
 
@@ -181,7 +238,7 @@ def save(model: nn.Module, out_dir: str, tensors: dict[str, torch.Tensor] | None
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir``.
 
     ``tensors``: the adapter's full weights when they are sharded (gathered by every rank with
-    ``tensorft.distributed.full_adapter_state``; only rank 0 then calls this)."""
+    :func:`full_adapter_state`; only rank 0 then calls this)."""
     model = unwrap(model)
     root = root_of(model)
     name, model_section = describe_base(model)
@@ -205,7 +262,8 @@ def save(model: nn.Module, out_dir: str, tensors: dict[str, torch.Tensor] | None
 def read_adapter_config(adapter_dir: str) -> tuple[AdapterConfig, ModelConfig, dict]:
     path = os.path.join(adapter_dir, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise TensorftError(f"{adapter_dir}: no {CONFIG_NAME} here (not a tensorft adapter directory)")
+        where = "" if os.path.isabs(adapter_dir) else f" (looked in {os.path.abspath(adapter_dir)})"
+        raise TensorftError(f"{adapter_dir}: no {CONFIG_NAME} here (not a tensorft adapter directory){where}")
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
@@ -239,8 +297,6 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str) -> nn.Module:
         expected = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape aside
         if tuple(saved[name].shape) != expected:
             raise TensorftError(f"{path}: {name} has shape {tuple(saved[name].shape)}, the model expects {expected}")
-    from .distributed import load_full_adapter_state
-
     load_full_adapter_state(model, saved)
     return model
 

@@ -17,7 +17,7 @@ import sys
 import yaml
 
 from .config import Config, load_config
-from .errors import ConfigError, TensorftError
+from .errors import ConfigError, TensorftError, report_error
 
 FINISHED = "FINISHED"  # written last: the run is done and output_dir must not be reused silently
 
@@ -28,12 +28,13 @@ def _is_main() -> bool:
 
 def check_output_dir(cfg: Config) -> None:
     out = cfg.train.output_dir
+    where = f" ({os.path.abspath(out)})" if not os.path.isabs(out) else ""  # relative: to the working directory
     if os.path.isfile(os.path.join(out, FINISHED)):
         raise TensorftError(
-            f"train.output_dir: {out} already holds a finished run; choose another output_dir or remove it"
+            f"train.output_dir: {out}{where} already holds a finished run; choose another output_dir or remove it"
         )
     if os.path.exists(out) and not os.path.isdir(out):
-        raise TensorftError(f"train.output_dir: {out} exists and is not a directory")
+        raise TensorftError(f"train.output_dir: {out}{where} exists and is not a directory")
 
 
 def load_data(cfg: Config):
@@ -195,17 +196,13 @@ def check_distributed(cfg: Config) -> None:
         raise ConfigError(
             f"distributed.strategy: none, but {world} processes were launched; set ddp, fsdp or deepspeed"
         )
-    quantized = cfg.model.quantization != "none"
-    if strategy == "fsdp" and quantized:
-        # bitsandbytes' packed weights are not DTensor-shardable parameters.
+    if strategy == "fsdp" and cfg.model.quantization == "int8":
+        # 4-bit layers keep their quantization state on the layer and restore it on the plain
+        # parameter FSDP2 hands them; 8-bit weights keep their scales on the parameter object
+        # only, and FSDP2 replaces it (the forward then fails with "no attribute 'CB'").
         raise ConfigError(
-            f"model.quantization: {cfg.model.quantization} bases cannot be sharded by FSDP in this version; "
-            "use ddp or deepspeed with zero_stage: 2"
-        )
-    if strategy == "deepspeed" and quantized and cfg.distributed.zero_stage == 3:
-        raise ConfigError(
-            f"model.quantization: {cfg.model.quantization} bases cannot be sharded by DeepSpeed ZeRO-3; "
-            "use zero_stage: 2 or ddp"
+            "model.quantization: int8 bases cannot be sharded by FSDP2 (bitsandbytes keeps 8-bit scales on "
+            "the parameter, which FSDP2 replaces); use nf4 or fp4, or deepspeed zero_stage: 3, or ddp"
         )
     if strategy == "deepspeed" and cfg.train.bf16:
         import torch
@@ -298,6 +295,16 @@ def cpu_deepspeed_state() -> None:
     PartialState(backend="gloo")
 
 
+def shipped_deepspeed_config(path: str) -> str:
+    """``path`` itself when it names a file; else a DeepSpeed JSON shipped with the package
+    (``tensorft/configs/deepspeed``: ``zero2``, ``zero3``, with or without ``.json``)."""
+    if os.path.exists(path) or os.sep in path:
+        return path
+    name = path if path.endswith(".json") else path + ".json"
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "deepspeed", name)
+    return shipped if os.path.isfile(shipped) else path
+
+
 def deepspeed_config(cfg: Config) -> dict:
     """The DeepSpeed JSON with its batch, clipping and precision keys filled from the config.
 
@@ -305,15 +312,12 @@ def deepspeed_config(cfg: Config) -> dict:
     world size, which on CPU is not DeepSpeed's."""
     import json
 
-    path = cfg.distributed.deepspeed_config
-    if path is None:
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = os.path.join(here, "configs", "deepspeed", f"zero{cfg.distributed.zero_stage}.json")
+    path = shipped_deepspeed_config(cfg.distributed.deepspeed_config or f"zero{cfg.distributed.zero_stage}")
     try:
         with open(path, encoding="utf-8") as f:
             ds = json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"distributed.deepspeed_config: {path} not found") from None
+        raise ConfigError(f"distributed.deepspeed_config: {path} not found (looked for {os.path.abspath(path)})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"distributed.deepspeed_config: {path}: invalid JSON at line {e.lineno}") from None
     t = cfg.train
@@ -359,6 +363,7 @@ def make_trainer(cfg: Config, model, tokenizer, args, train_ds, eval_ds, callbac
 
         train_ds, eval_ds = tokenize_classification(tokenizer, cfg.train.max_length, train_ds, eval_ds)
         trainer_cls = TensorftClassificationTrainer
+    sharded_later = {"defer_reference": True} if cfg.distributed.strategy == "fsdp" and trainer_cls is TensorftDPOTrainer else {}
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -366,6 +371,7 @@ def make_trainer(cfg: Config, model, tokenizer, args, train_ds, eval_ds, callbac
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         callbacks=callbacks,
+        **sharded_later,  # DPO's reference pass waits for the sharded model (run)
     )
     trainer.keep_checkpoints = cfg.train.save_total_limit
     trainer.task_names = list(cfg.adapter.tasks)  # per-task losses are logged as loss/<name> (ids index it)
@@ -536,6 +542,11 @@ def run(cfg: Config) -> int:
         # After the trainer's set-up (trl fingerprints the model's plain tensors), before the
         # optimizer exists; after attach, so the adapter is sharded too.
         shard_fsdp2(model)
+        if hasattr(trainer, "precompute_reference"):
+            from .distributed import reshard
+
+            trainer.precompute_reference()  # DPO: on the sharded model, on its device
+            reshard(model)
     trainer.add_callback(RunInfoCallback(os.path.join(out, "run_info.json"), cfg.distributed.strategy))
     from .distributed import decided_by_main
 
@@ -566,28 +577,36 @@ def run(cfg: Config) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     from .cli import _Parser
 
-    parser = _Parser(prog="train.py", description="Fine-tune a model with a tensorft adapter.")
+    parser = _Parser(prog=prog, description="Fine-tune a model with a tensorft adapter.")
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "train.py") -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        from .extras import check_config
+
+        check_config(cfg)  # deepspeed / bitsandbytes installed when the config needs them
         return run(cfg)
     except TensorftError as e:
-        print(f"tensorft: error: {e}", file=sys.stderr)
+        report_error(str(e))
         return 2
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C during it
         print("tensorft: interrupted; no checkpoint written by this interruption", file=sys.stderr)
         return 128 + signal.SIGINT
+    except Exception as e:  # a bug: its traceback into torchrun's summary too (no-op elsewhere)
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(e)
+        raise
     finally:
         close_process_group()
 

@@ -277,6 +277,11 @@ class AdapterTrainerMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Every rank gathers (sharded adapters: FSDP2, ZeRO-3), rank 0 writes. Only the adapter:
         # the Trainer's own save would consolidate the whole base model under ZeRO-3.
+        # ZeRO-3: an evaluation forward can end with parameters still being prefetched (in
+        # flight) for the next forward, which cannot be gathered; a kind's model-level step (the
+        # ttmoe router's base pass, run before DeepSpeed's start-of-forward hook) makes its
+        # trace predict one. Settle and release them first (no-op under ZeRO-2 and DDP).
+        getattr(self.model_wrapped, "empty_partition_cache", lambda: None)()
         tensors = full_adapter_state(self.model)
         if self.args.should_save:
             save(unwrap(self.model), output_dir or self.args.output_dir, tensors)
@@ -424,6 +429,30 @@ class TensorftDPOTrainer(AdapterTrainerMixin, DPOTrainer):
     """DPO whose reference is the policy with its adapters switched off (no second model)."""
 
     rows_per_example = 2
+
+    def __init__(self, *args, defer_reference: bool = False, **kwargs):
+        # trl computes the reference log-probs in its constructor. Under FSDP2 tensorft shards
+        # the model only after that (trl hashes the model's plain tensors there), so the pass
+        # would run on the unsharded model, off the device: deferred until after sharding.
+        self._deferred_reference = [] if defer_reference else None
+        super().__init__(*args, **kwargs)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if self._deferred_reference is not None:
+            self._deferred_reference.append((name, batch_size))
+            return dataset
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def precompute_reference(self) -> None:
+        """Run the reference passes deferred by ``defer_reference`` (on the model as it is now)."""
+        pending, self._deferred_reference = self._deferred_reference or [], None
+        for name, batch_size in pending:
+            if name == "train":
+                self.train_dataset = self._precompute_ref_logps(self.train_dataset, name, batch_size)
+            elif isinstance(self.eval_dataset, dict):
+                self.eval_dataset[name] = self._precompute_ref_logps(self.eval_dataset[name], name, batch_size)
+            else:
+                self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, name, batch_size)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)

@@ -43,7 +43,7 @@ def save_tiny_chat_llama(directory, hidden=64, intermediate=128, max_positions=2
     by default, as SmolLM2; ``kv_heads=4``: MHA, as Llama-2-7B)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tensorft.pretrained import smollm2_135m_instruct
+    from scripts.demo_assets import smollm2_135m_instruct
 
     tok = AutoTokenizer.from_pretrained(smollm2_135m_instruct())
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ from tensorft.errors import TensorftError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(ROOT, "evaluation", "tasks")
-sys.path.insert(0, ROOT)  # the evaluation package lives at the repository root, not installed
+sys.path.insert(0, ROOT)  # evaluation/: the checkout's names of tensorft.evaluation (shims; tasks/ links there)
 
 from evaluation import bigbench_to_bbh, lm_eval as wrapper  # noqa: E402
 from evaluation.rank_classification import continuation_token_counts, rank_classify  # noqa: E402
@@ -185,7 +185,7 @@ def test_export_merge_and_wrapper_score_identically(sst2_runs, work):
 def test_rank_classification_by_hand(sst2_runs):
     from transformers import AutoTokenizer
 
-    from tensorft.pretrained import smollm2_135m_instruct
+    from scripts.demo_assets import smollm2_135m_instruct
 
     tok = AutoTokenizer.from_pretrained(smollm2_135m_instruct())
     # lm-eval moves the context's trailing space to the continuation, then counts what the
@@ -369,7 +369,7 @@ def test_smollm2_with_and_without_a_trained_cp_adapter(tmp_path, monkeypatch):
 
     from tensorft.config import ModelConfig
     from tensorft.loading import load_base_model
-    from tensorft.pretrained import smollm2_135m_instruct
+    from scripts.demo_assets import smollm2_135m_instruct
 
     smollm = smollm2_135m_instruct()
     tok = AutoTokenizer.from_pretrained(smollm)

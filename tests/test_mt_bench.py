@@ -1,4 +1,4 @@
-"""MT-Bench evaluation (evaluation/mt_bench.py) against a deterministic judge on loopback HTTP.
+"""MT-Bench evaluation (tensorft/evaluation/mt_bench.py) against a deterministic judge on loopback HTTP.
 
 The judge server scores an answer by its content (``score_of``), so every expected average is
 computed here from answers.jsonl; it records each request (headers, body) for the checks.
@@ -409,7 +409,7 @@ def test_pairwise_baseline_against_adapter(files, server, replies, tmp_path):
     assert mt_bench.run(argv(files, out_a, None, "--limit", "2")) == 0  # answers only, no judge
     assert not (out_a / "judgments.jsonl").exists()
     srv = server()
-    args = argv(files, out_b, srv, "--limit", "2", "--compare-to", str(out_a), source=("--base", files["base"]))
+    args = argv(files, out_b, srv, "--limit", "2", "--compare-to", str(out_a), source=("--model", files["base"]))
     assert mt_bench.run(args) == 0
     mine, _ = expected_scores(out_b, QUESTIONS[:2])
     theirs, _ = expected_scores(out_a, QUESTIONS[:2])
@@ -468,7 +468,8 @@ def _bad_questions(tmp_path, text):
 
 
 @pytest.mark.parametrize("case", ["missing-file", "bad-json", "no-turns", "dup-id", "no-reference", "judge-spec",
-                                  "no-key", "two-models", "task-id-base", "no-adapter-dir", "bad-url"])
+                                  "no-key", "two-models", "task-id-base", "no-adapter-dir", "bad-url",
+                                  "base-without-adapter"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, capsys, monkeypatch, case):
     out = tmp_path / "out"
     q1 = json.dumps(QUESTIONS[0])
@@ -481,10 +482,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, capsys
         "no-reference": "question 904 (coding) needs a reference answer",
         "judge-spec": "--judge: unknown judge spec 'gpt4'",
         "no-key": f"environment variable {KEY_ENV} is not set",
-        "two-models": "give exactly one of --adapter DIR and --base MODEL",
+        "two-models": "give exactly one of --adapter DIR and --model MODEL",
         "task-id-base": "--task-id needs an adapter",
         "no-adapter-dir": "--adapter /nonexistent/adapter: not a directory",
         "bad-url": "--judge-base-url: 'localhost:8000' is not an http(s) URL",
+        "base-without-adapter": "--base DIR relocates an adapter's base model; for a plain model use --model MODEL",
     }[case]
     q = files["questions"]
     if case == "missing-file":
@@ -502,9 +504,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, capsys
     elif case == "no-key":
         monkeypatch.delenv(KEY_ENV)
     elif case == "two-models":
-        args += ["--base", files["base"]]
+        args += ["--model", files["base"]]
     elif case == "task-id-base":
-        args = argv(files, out, None, "--task-id", "1", source=("--base", files["base"]))
+        args = argv(files, out, None, "--task-id", "1", source=("--model", files["base"]))
+    elif case == "base-without-adapter":
+        args = argv(files, out, None, source=("--base", files["base"]))
     elif case == "no-adapter-dir":
         args = argv(files, out, None, source=("--adapter", "/nonexistent/adapter"))
     elif case == "bad-url":
@@ -551,3 +555,19 @@ def test_out_dir_of_other_settings_is_refused(files, server, replies, tmp_path, 
     capsys.readouterr()
     assert mt_bench.run(argv(files, out, None, "--limit", "1", "--max-new-tokens", "7")) == 2
     assert "holds answers made with max_new_tokens=6, this command has max_new_tokens=7" in capsys.readouterr().err
+
+
+def test_base_relocates_the_adapter_base(files, tmp_path, capsys):
+    """``--base DIR``: the adapter's base model from DIR (it moved), as in every command."""
+    import shutil
+
+    moved = tmp_path / "moved-base"
+    shutil.copytree(files["base"], moved)
+    out = tmp_path / "out"
+    assert mt_bench.run(argv(files, out, None, "--limit", "1", "--base", str(tmp_path / "gone"))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "gone") in err, err  # the base it was told, not the recorded one
+    assert mt_bench.run(argv(files, out, None, "--limit", "1", "--base", str(moved))) == 0
+    with open(out / "run.json") as f:
+        assert json.load(f)["base"] == str(moved)
+    assert len(read_rows(out / "answers.jsonl")) == 1

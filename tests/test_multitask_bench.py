@@ -144,3 +144,115 @@ def test_routed_kinds_come_from_the_registry():
         "poly-r8", "mhr-r8", "tensorpoly1-r8", "tensorpoly2-r8"]
     assert core.for_tasks(core.METHODS["lora-r8"], TASKS) is core.METHODS["lora-r8"]
     assert core.for_tasks(core.METHODS["mhr-r8"], TASKS).options == {"n_tasks": 2, "tasks": TASKS}
+
+
+# --------------------------------------------------------------------------- T-REX and TT-LoRA MoE rows
+
+TREX_SMALL = core.Method("trex-2x2", "tensorft", "trex", 2, {"rank_out": 2})  # K = 4 <= 24 training rows
+
+
+def prompted_splits(tok):
+    """``splits`` through ``core.encode``: the same token ids, each row with its prompt text."""
+    out = {}
+    for t, name in enumerate(TASKS):
+        rows = task_rows(t, 20)
+        out[name] = {"train": core.encode(tok, rows[:12]), "test": core.encode(tok, rows[12:])}
+    return out
+
+
+def test_encode_keeps_engine_ids_and_the_prompt_text(tiny):
+    _, tok = tiny
+    rows = task_rows(1, 4)
+    for mine, theirs, row in zip(core.encode(tok, rows), engine.encode(tok, rows), rows):
+        assert (mine.options, mine.starts, mine.gold) == (theirs.options, theirs.starts, theirs.gold)
+        assert mine.prompt == row["prompt"] == core.prompt_of(mine, tok)
+        assert tok.decode(core.prompt_ids(mine)) == row["prompt"]
+
+
+def test_trex_and_ttmoe_rows_intuition_experts_router_resume(tiny, tmp_path, monkeypatch):
+    from tensorft.intuition import Encoder, similarity
+
+    model, tok = tiny
+    data = prompted_splits(tok)
+    out = str(tmp_path / "mt")
+    bench = core.MultiTaskBench(model, tok, data, engine.TrainSettings(steps=4, batch=4, warmup=1), out, "tiny")
+    specs = core.grid([TREX_SMALL, core.METHODS["ttmoe-tt4"], core.METHODS["lora-r8"]], ["qv"], 1e-2, "defaults", [0])
+
+    # T-REX: every training forward gets its rows' intuition (the mixture rows' scores against
+    # the centroids compute() clustered), every evaluation forward its rows' prompt intuition.
+    seen, trained = [], {}
+    real_attach = core.attach
+
+    def keep(*args, **kwargs):
+        m, groups, params = real_attach(*args, **kwargs)
+        trained[args[1].name] = m
+        if args[1].kind == "trex":  # per forward: its input ids, then the intuition the first layer reads
+            m.register_forward_pre_hook(lambda mod, a, kw: seen.append([mod.training, kw["input_ids"], None]),
+                                        with_kwargs=True)
+            site = next(layer.adapter for layer in m.tensorft.layers.values())
+
+            def read(mod, a):
+                if seen[-1][2] is None:
+                    seen[-1][2] = a[1].frame.inputs.get("intuition")
+
+            site.register_forward_pre_hook(read)
+        return m, groups, params
+
+    monkeypatch.setattr(core, "attach", keep)
+    trex, moe, lora = (bench.run(s) for s in specs)
+    monkeypatch.setattr(core, "attach", real_attach)
+
+    rows = core.mixture({t: data[t]["train"] for t in TASKS})
+    intuition = trex["intuition"]
+    assert intuition["examples"] == 24 and intuition["centroids"] == 4 and not intuition["cached"]
+    encoder = Encoder("all-MiniLM-L6-v2")
+    centroids = trained["trex-2x2"].tensorft.shared.centroids
+    assert centroids.abs().sum() > 0  # the clustered centroids were copied into the adapter
+    by_prompt = {}
+    for r in rows + [r for t in TASKS for r in data[t]["test"]]:
+        by_prompt[r.prompt] = similarity(encoder.embed([r.prompt]), centroids)[0]
+    train_calls = [c for c in seen if c[0]]
+    eval_calls = [c for c in seen if not c[0]]
+    assert len(train_calls) == 4 and eval_calls
+    for training, ids, scores in seen:
+        assert scores is not None and scores.shape == (ids.shape[0], 4)
+        for row_ids, s in zip(ids, scores):  # each row's own prompt's intuition (left padding: pad id first)
+            text = tok.decode(row_ids.tolist(), skip_special_tokens=True)
+            prompt = next(p for p in by_prompt if text.startswith(p))
+            assert torch.allclose(s, by_prompt[prompt], atol=1e-5)
+    assert trex["params"] == tensorft.count_parameters(trained["trex-2x2"]) > 0
+    assert set(trex["test_acc"]) == set(TASKS)
+
+    # TT-LoRA MoE: one tt expert per task, saved as a normal adapter named by its task, trained
+    # on its own rows only; the MoE's experts are those adapters, unchanged; router accuracy recorded.
+    experts = {t: bench.expert_dir(specs[1], t) for t in TASKS}
+    for t, d in experts.items():
+        cfg, _, _ = tensorft.saving.read_adapter_config(d)
+        assert cfg.kind == "tt" and cfg.tasks == [t]
+    expert_run = json.load(open(os.path.join(out, "runs", "tt-experts-r4@qv", "lr0.01-seed0.json")))
+    assert moe["kind"] == "ttmoe" and moe["experts"] == TASKS and moe["router_steps"] == 5 * 4
+    assert moe["params"] == 2 * moe["params_per_expert"] + moe["params_trainable_stage2"]
+    assert moe["params_trainable_stage2"] == 2 * (tiny[0].config.hidden_size + 1) * 2  # gate + noise, E = 2
+    assert expert_run["params"] == 2 * moe["params_per_expert"] and set(expert_run["test_acc"]) == set(TASKS)
+    report = moe["router"]["test"]
+    assert report["rows"] == 16 and sum(report["usage"].values()) == 16 and 0 <= report["accuracy"] <= 1
+    for t in TASKS:  # a task whose rows all go to its own expert scores exactly as that expert
+        if report["per_task"][t] == 1.0:
+            assert moe["test_acc"][t] == expert_run["test_acc"][t]
+    # a routed forward with the expert ids equals the chosen expert alone
+    model_moe = tensorft.attach(engine.fresh_copy(model), {"kind": "ttmoe", "experts": list(experts.values())})
+    alone = tensorft.saving.load_adapter_weights(
+        tensorft.attach(engine.fresh_copy(model), tensorft.saving.read_adapter_config(experts["inverse"])[0]),
+        experts["inverse"])
+    inputs = engine._left_padded([r.options[0] for r in data["inverse"]["test"][:3]], _pad(tok))
+    assert torch.allclose(model_moe(**inputs, expert_ids=torch.tensor([1, 1, 1])).logits, alone(**inputs).logits, atol=1e-5)
+
+    # resume: nothing trains again, the intuition comes from the cache
+    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert [bench.run(s) for s in specs] == [trex, moe, lora]
+    assert os.listdir(os.path.join(out, "intuition"))
+
+    core.write_report(out, "settings")
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "| ttmoe-tt4 | tt-experts-r4 | qv |" in summary and "| ttmoe-tt4 | lora-r8 | qv |" in summary
+    assert "| trex-2x2 | lora-r8 | qv |" in summary and "Router accuracy" in summary

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from tensorft.pretrained import smollm2_135m_instruct
+    from scripts.demo_assets import smollm2_135m_instruct
 
     return smollm2_135m_instruct()
 

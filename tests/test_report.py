@@ -153,3 +153,34 @@ def test_report_bad_input(adapters, tmp_path, capsys):
         assert message is None or message in err, err
         assert not out.exists()
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def _run(name, kind, rank, params, value):
+    return report.Run(name=name, source=name, kind=kind, rank=rank, params=params, metrics={"t": value}, averaged=["t"])
+
+
+def test_plot_keeps_coinciding_runs_readable():
+    """A LoRA and its PEFT export land on the same point, two base-model runs on the same
+    line, close ranks next to each other: every run stays visible and no label overprints."""
+    runs = [
+        _run("lora_r8", "lora", 8, 16_384, 0.71), _run("lora_r8_peft", "peft-lora", 8, 16_384, 0.71),
+        _run("lora_r4", "lora", 4, 8_192, 0.70), _run("cp_r4", "cp", 4, 8_300, 0.70),
+        _run("cp_r8", "cp", 8, 8_400, 0.705),
+        _run("base", "none", None, None, 0.5), _run("merged", "none", None, None, 0.5),
+    ]
+    fig = report.plot_figure(runs, "mean acc", "title")
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    # one marker shape per kind, so coinciding points of two kinds show as two shapes
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert set(lines) == {"cp", "lora", "peft-lora"}
+    assert len({line.get_marker() for line in lines.values()}) == 3
+    assert len({line.get_markersize() for line in (lines["lora"], lines["peft-lora"])}) == 2
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cp", "lora", "peft-lora"]
+    labels = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+    assert "lora r=8 = peft-lora r=8" in labels and "base = merged (no adapter)" in labels
+    assert {"r=4", "r=8"} <= set(labels)  # cp r=8 and a rank-4 run sit next to each other
+    boxes = list(labels.values())
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)

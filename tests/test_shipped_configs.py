@@ -12,8 +12,8 @@ NOT_COVERED with the reason, tensorft bugs in KNOWN_BUGS (strict xfail), and con
 GPU in REFUSED_ON_CPU: on a CPU machine they must end with their one-line refusal, and a
 CPU_VARIANTS run covers the rest of their keys.
 
-Also the combination the README claims and no other test runs: an nf4 base under DDP and under
-ZeRO-2 (2 ranks) trains and matches one process.
+Also the combinations the README claims: an nf4 base under DDP, ZeRO-2, FSDP2 and ZeRO-3 (2
+ranks; the last two shard the packed 4-bit weights) trains and matches one process.
 """
 
 import contextlib
@@ -380,16 +380,21 @@ def nf4(tmp_path_factory):
 TOLERANCE = (1e-4, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "fsdp", "zero3"])
 def test_nf4_base_on_two_ranks_matches_one_process(nf4, strategy):
     work, config = nf4
-    dist = {"strategy": "ddp"} if strategy == "ddp" else {"strategy": "deepspeed", "zero_stage": 2}
+    dist = {"ddp": {"strategy": "ddp"}, "fsdp": {"strategy": "fsdp"},
+            "zero2": {"strategy": "deepspeed", "zero_stage": 2}, "zero3": {"strategy": "deepspeed", "zero_stage": 3}}[strategy]
     code, err = torchrun(config(strategy, 4, dist), [TRAIN])
     assert code == 0, err[-4000:]
     with open(work / strategy / "run_info.json") as f:
         info = json.load(f)
     assert info["world_size"] == 2 and info["process_group"] == 2
-    assert info["adapter"]["local"] == info["adapter"]["full"]  # neither shards parameters
+    if strategy in ("ddp", "zero2"):
+        assert info["adapter"]["local"] == info["adapter"]["full"]  # neither shards parameters
+    else:  # the packed 4-bit base weights too: each rank holds half
+        assert info["base"]["sharded_tensors"] == info["base"]["tensors"], info
+        assert info["base"]["local"] * 2 == info["base"]["full"], info
     ref = {r["step"]: r["loss"] for r in metrics(work / "single") if "loss" in r}
     got = {r["step"]: r["loss"] for r in metrics(work / strategy) if "loss" in r}
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4]

@@ -450,8 +450,19 @@ def test_strategy_must_match_the_launch(workdir):
     assert "distributed.strategy: fsdp needs a distributed launch" in p.stderr.strip().splitlines()[-1]
     p = train(write_config(workdir, "bad-fsdp-int8", distributed={"strategy": "fsdp"}, model={"quantization": "int8"}))
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert "model.quantization: int8 bases cannot be sharded by FSDP" in p.stderr.strip().splitlines()[-1]
+    assert "model.quantization: int8 bases cannot be sharded by FSDP2" in p.stderr.strip().splitlines()[-1]
     assert not (workdir / "bad-fsdp").exists() and not (workdir / "bad-fsdp-int8").exists()
+
+
+def test_a_failing_rank_names_its_error_in_torchruns_summary(workdir):
+    """torchrun ends with its own failure summary; it must carry the rank's one-line error, not
+    "error_file: <N/A>" and a link to its docs (the line was 40 lines up, above a traceback)."""
+    p = torchrun(write_config(workdir, "ddp-missing-data", distributed={"strategy": "ddp"},
+                              data={"train": str(workdir / "no-such-file.jsonl"), "format": "alpaca"}))
+    assert p.returncode != 0
+    summary = p.stderr[p.stderr.index("Root Cause"):]
+    assert "traceback : tensorft: error: data.train:" in summary and "no-such-file.jsonl" in summary, summary
+    assert not (workdir / "ddp-missing-data").exists()
 
 
 def test_atomic_writes_are_durable_before_and_after_the_rename(tmp_path, monkeypatch):

@@ -2,7 +2,9 @@
 special cases (diagonal G: a mixture of rank-one LoRAs; constant G: a LoRA), no dense update,
 the parameter formula, the intuition pipeline on the real all-MiniLM-L6-v2 (embedding,
 k-means, cache, scores), intuition through checkpointing and generate, save / load, and a
-launcher run (expert-usage metrics, load-balancing aux loss, merge / export refused, plot)."""
+launcher run (expert-usage metrics, load-balancing aux loss, merge / export refused, plot);
+2 ranks (DDP, ZeRO-2, ZeRO-3, FSDP2 killed and resumed) and a run resumed from a checkpoint
+equal the uninterrupted one-process run."""
 
 import json
 import os
@@ -500,31 +502,46 @@ def test_lm_eval_wrapper_evaluates_a_trex_adapter_with_no_extra_step(trained, tm
 # --------------------------------------------------------------------------- 2 ranks
 
 
-def two_rank_config(work, name, batch_size, distributed=None):
+def two_rank_config(work, name, batch_size, distributed=None, save_steps=100):
     # no load-balancing loss: it is a per-micro-batch statistic, so 2 x 4 rows differ from 8
-    return write_config(work, name, train={"max_steps": 4, "batch_size": batch_size, "logging_steps": 1},
-                        distributed=distributed)
+    return write_config(work, name, train={"max_steps": 4, "batch_size": batch_size, "logging_steps": 1,
+                                           "save_steps": save_steps}, distributed=distributed)
 
 
 @pytest.fixture(scope="module")
 def one_process(work):
-    assert launch(two_rank_config(work, "single", batch_size=8)) == 0
+    # checkpoints at steps 2 and 4: the stopped-at-a-checkpoint run below starts from the first
+    assert launch(two_rank_config(work, "single", batch_size=8, save_steps=2)) == 0
     return work / "single"
 
 
-@pytest.mark.slow  # 3 torchrun launches: 100 s here, up to ~4 min on contended cores
-@pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp"])
-def test_two_ranks_match_one_process(work, one_process, strategy):
-    from test_train import assert_same_run, run_info, torchrun
+DISTRIBUTED = {"zero2": {"strategy": "deepspeed", "zero_stage": 2}, "zero3": {"strategy": "deepspeed", "zero_stage": 3}}
 
-    distributed = {"zero3": {"strategy": "deepspeed", "zero_stage": 3}}.get(strategy, {"strategy": strategy})
-    p = torchrun(two_rank_config(work, strategy, batch_size=4, distributed=distributed))
+
+@pytest.mark.slow  # 4 torchrun launches (5 for fsdp: killed, then resumed): ~2 min here, more on contended cores
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp"])
+def test_two_ranks_match_one_process(work, one_process, strategy):
+    """DDP and ZeRO-2 replicate the adapter, ZeRO-3 and FSDP2 shard it; the FSDP2 run is
+    SIGKILLed after its first checkpoint and started again: it resumes (factors, router, gates,
+    optimizer state, data position; the intuition scores from the run's cache) and ends where
+    the uninterrupted one-process run does."""
+    from test_train import assert_same_run, kill_after_first_checkpoint, run_info, torchrun
+
+    distributed = DISTRIBUTED.get(strategy, {"strategy": strategy})
+    config = two_rank_config(work, strategy, batch_size=4, distributed=distributed,
+                             save_steps=1 if strategy == "fsdp" else 100)
+    if strategy == "fsdp":
+        kill_after_first_checkpoint(config, work / strategy)
+    p = torchrun(config)
     assert p.returncode == 0, p.stderr[-3000:]
+    if strategy == "fsdp":
+        assert "resuming from" in p.stderr and "checkpoint-1" in p.stderr, p.stderr[-3000:]
     info = run_info(work / strategy)
     assert info["world_size"] == 2 and info["process_group"] == 2
-    if strategy == "ddp":
+    if strategy in ("ddp", "zero2"):  # parameters stay whole on every rank
         assert info["adapter"]["local"] == info["adapter"]["full"]
-        assert_same_run(work / strategy, one_process, loss_tol=2e-3, weight_tol=1e-4)
+        tol = (2e-3, 1e-4) if strategy == "ddp" else (1e-4, 1e-5)
+        assert_same_run(work / strategy, one_process, loss_tol=tol[0], weight_tol=tol[1])
     else:  # really sharded: about half of the adapter on each rank; each layer's 1-element gate
         # is split too, but one element cannot be smaller on rank 0 than in full
         assert info["adapter"]["sharded_tensors"] == info["adapter"]["tensors"] - 14 > 0, info
@@ -534,6 +551,32 @@ def test_two_ranks_match_one_process(work, one_process, strategy):
     ref = [json.loads(line) for line in open(one_process / "metrics.jsonl") if '"loss"' in line]
     for got, want in zip(rows, ref):  # router usage summed over the ranks: the one-process usage
         assert abs(got["router/entropy_mean"] - want["router/entropy_mean"]) < 1e-4
+
+
+def test_run_stopped_at_a_checkpoint_then_resumed_equals_the_uninterrupted_run(work, one_process, capsys):
+    """The output directory as a run stopped after checkpoint-2 leaves it (final adapter and
+    checkpoint-4 gone, a metrics line cut short): the same command resumes from checkpoint-2
+    (router, gates, factors, optimizer state, data position, the cached intuition) and ends
+    with the uninterrupted run's adapter and losses."""
+    import shutil
+
+    from test_train import assert_same_run
+
+    out = work / "resumed"
+    shutil.copytree(one_process, out)
+    for leftover in ("FINISHED", "adapter_model.safetensors", "adapter_config.json", "checkpoints/checkpoint-4"):
+        path = out / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # a line cut short by the stop
+    capsys.readouterr()
+    assert launch(two_rank_config(work, "resumed", batch_size=8, save_steps=2)) == 0
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "checkpoint-2" in err, err[-2000:]
+    assert "read from the cache" in err  # the embeddings and centroids the run computed before
+    assert_same_run(out, one_process, loss_tol=1e-6, weight_tol=1e-6)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])

@@ -10,7 +10,8 @@ Through the launchers (tiny Llama with a real tokenizer, three tasks told apart 
 prompts): stage 1 trains one expert per task, resumes by skipping finished experts; stage 2
 trains the router (accuracy on held-out data > 0.9, logged usage), leaves the experts
 unchanged, reloads with from_pretrained, exports one expert as PEFT LoRA, refuses a merge; bad
-input stops with one line, exit 2, nothing written."""
+input stops with one line, exit 2, nothing written. Stage 2 on 2 ranks (DDP, FSDP2, ZeRO-3; the
+seq-cls setting under ZeRO-3) equals one process."""
 
 import json
 import os
@@ -181,18 +182,45 @@ def test_generate_holds_the_prefill_choice_and_equals_each_prompt_alone(experts)
         forced = model.generate(prompts[i : i + 1], attention_mask=mask[i : i + 1], expert_ids=chosen[i : i + 1], **kw)
         assert torch.equal(forced, alone), i
 
-    # a decode step by hand: the prefill's choice and its experts' factors, gathered per row
+    # decode steps by hand: the prefill's choice, each row through its own expert's TT cores
     from transformers import DynamicCache
 
-    cache = DynamicCache()
-    with torch.no_grad():
-        following = model(prompts, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        step = model(following, past_key_values=cache, use_cache=True).logits[:, -1]
+    def decode_steps(model, prompts, mask, expert_ids=None, steps=3):
+        cache, kw = DynamicCache(), {} if expert_ids is None else {"expert_ids": expert_ids}
+        with torch.no_grad():
+            logits = model(prompts, attention_mask=mask, past_key_values=cache, use_cache=True, **kw).logits[:, -1]
+            out, last = [logits], prompts[:, -1:]
+            for _ in range(steps):
+                last = logits.argmax(-1, keepdim=True)
+                mask = torch.cat([mask, torch.ones_like(last)], 1)
+                logits = model(last, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+                out.append(logits)
+        return torch.stack(out, 1), cache
+
+    steps, cache = decode_steps(model, prompts, mask)
     memory = model.tensorft.state.generation_memory(cache)
-    assert torch.equal(memory["expert_ids"], chosen) and any(k[1] == "rows" for k in memory["ttmoe_factors"])
+    assert torch.equal(memory["expert_ids"], chosen)
+    # kept for the call: each row's expert's TT cores (TT-sized), no expert's or row's dense factors
+    held = memory["ttmoe_factors"]
+    assert held and {k[1] for k in held} == {"row_cores"}
+    for (layer, _), cores in held.items():  # row i: its expert's cores (laid out for batched products)
+        assert [c.shape[0] for c in cores] == [6] * len(layer.cores)
+        assert [c[0].numel() for c in cores] == [c[0].numel() for c in layer.cores]
+        for i in range(6):
+            assert all(torch.equal(c[i].flatten().sort().values, full[int(chosen[i])].flatten().sort().values)
+                       for c, full in zip(cores, layer.cores))
+    # grouped decode = a per-row loop (each row alone through the same MoE, its expert forced)
     for i in range(6):
-        alone = expert_alone(experts[int(chosen[i])])(torch.cat([prompts[i : i + 1], following[i : i + 1]], 1))
-        torch.testing.assert_close(step[i], alone.logits[0, -1], rtol=0, atol=1e-5)
+        alone, _ = decode_steps(model, prompts[i : i + 1], mask[i : i + 1], expert_ids=chosen[i : i + 1])
+        torch.testing.assert_close(steps[i : i + 1], alone, rtol=0, atol=1e-6)
+    ref = expert_alone(experts[int(chosen[0])])
+    full = torch.cat([prompts[:1], steps[:1, :-2].argmax(-1)], 1)
+    torch.testing.assert_close(steps[0, -2], ref(full).logits[0, -1], rtol=0, atol=1e-5)
+    # beam search: rows expanded per beam at prefill, reordered within a prompt at every step
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=3, num_return_sequences=2)
+    beams = model.generate(prompts, attention_mask=mask, **kw)
+    for i in range(6):
+        assert torch.equal(beams[2 * i : 2 * i + 2], model.generate(prompts[i : i + 1], attention_mask=mask[i : i + 1], **kw)), i
 
 
 # --------------------------------------------------------------------------- save / load
@@ -411,33 +439,58 @@ def test_bad_input_one_line_exit_2_nothing_written(work, stage1, capsys, case, m
     assert not (work / name).exists()
 
 
-def test_stage2_under_ddp_on_two_ranks_equals_one_process(work, stage1):
-    """Noise off (each rank draws its own noise, so only the deterministic router is comparable):
-    the same losses step by step and the same router, and the same held-out report."""
-    from test_train import run_info, torchrun
+STAGE2_DISTRIBUTED = {
+    "ddp": ["--set", "distributed.strategy=ddp"],
+    "fsdp": ["--set", "distributed.strategy=fsdp"],
+    "zero3": ["--set", "distributed.strategy=deepspeed", "--set", "distributed.zero_stage=3"],
+}
 
+
+@pytest.fixture(scope="module")
+def stage2_single(work, stage1):
+    """Stage 2 in one process, global batch 12, noise off (each rank draws its own noise, so
+    only the deterministic router is comparable across launches)."""
     from tensorft.train import main
 
-    adapter = {"kind": "ttmoe", "experts": str(stage1), "noise": False}
-    train = {"max_steps": 4, "lr": 0.02, "logging_steps": 1}
-    single = write_config(work, "stage2-single", adapter, model=False, train={**train, "batch_size": 12})
+    single = write_config(work, "stage2-single", {"kind": "ttmoe", "experts": str(stage1), "noise": False},
+                          model=False, train={"max_steps": 4, "lr": 0.02, "logging_steps": 1, "batch_size": 12})
     assert main(["--config", single]) == 0
-    ddp = write_config(work, "stage2-ddp", adapter, model=False, train={**train, "batch_size": 6})
-    p = torchrun(ddp, "--set", "distributed.strategy=ddp")
+    return work / "stage2-single"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+def test_stage2_on_two_ranks_equals_one_process(work, stage1, stage2_single, strategy):
+    """2 ranks of 6 rows: DDP replicates, FSDP2 and ZeRO-3 shard the experts and the router
+    (trained by its aux loss alone, which does not pass through the model's outputs); the same
+    losses step by step, the same router, the same held-out report (the router's base passes
+    after training run on every rank: collective under sharding)."""
+    from test_train import run_info, torchrun
+
+    name = f"stage2-{strategy}"
+    config = write_config(work, name, {"kind": "ttmoe", "experts": str(stage1), "noise": False}, model=False,
+                          train={"max_steps": 4, "lr": 0.02, "logging_steps": 1, "batch_size": 6})
+    p = torchrun(config, *STAGE2_DISTRIBUTED[strategy])
     assert p.returncode == 0, p.stderr[-3000:]
-    info = run_info(work / "stage2-ddp")
+    info = run_info(work / name)
     assert info["world_size"] == 2 and info["process_group"] == 2
+    if strategy == "ddp":
+        assert info["adapter"]["local"] == info["adapter"]["full"]
+    else:  # every tensor split (the stacked cores on their expert axis: 3 experts give 2 + 1)
+        assert info["adapter"]["sharded_tensors"] == info["adapter"]["tensors"] > 0, info
+        assert info["base"]["local"] <= info["base"]["full"] // 2 + 64, info
+    runs = (name, "stage2-single")
     losses = [{r["step"]: r["loss"] for r in map(json.loads, open(work / run / "metrics.jsonl")) if "loss" in r}
-              for run in ("stage2-ddp", "stage2-single")]
+              for run in runs]
     assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3, 4]
-    print(f"\nstage 2, DDP vs one process: losses {losses}")
+    print(f"\nstage 2, {strategy} vs one process: losses {losses}")
     for step, loss in losses[1].items():
         assert losses[0][step] == pytest.approx(loss, abs=1e-5), step
-    a, b = (load_file(work / run / "adapter_model.safetensors") for run in ("stage2-ddp", "stage2-single"))
+    assert losses[1][4] < losses[1][1] - 0.1  # the router learned (a router never reduced would not match)
+    a, b = (load_file(work / run / "adapter_model.safetensors") for run in runs)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
-    a, b = (json.loads((work / run / "router_eval.json").read_text()) for run in ("stage2-ddp", "stage2-single"))
+    a, b = (json.loads((work / run / "router_eval.json").read_text()) for run in runs)
     assert a["confusion"] == b["confusion"] and a["rows"] == 12
 
 
@@ -536,3 +589,41 @@ def test_data_naming_some_experts_in_another_order_is_labelled_with_expert_ids(w
         assert row["prompt"].startswith({0: "Repeat", 2: "Write"}[row["task_ids"]])
     assert {name: set(ds["task_ids"]) for name, ds in evaluation.items()} == {"gamma": {2}, "alpha": {0}}
     assert {name: t["id"] for name, t in info["tasks"].items()} == {"gamma": 2, "alpha": 0}
+
+
+def test_seq_cls_stage2_under_zero3_equals_one_process(work, cls_runs):
+    """The experts' heads are the router's (stacked, frozen) and applied in a hook on the base's
+    head: under ZeRO-3 they are partitioned like everything else and gathered for that head's
+    forward. Noise off: the same router losses, router, held-out accuracy as one process."""
+    from test_train import run_info, torchrun
+
+    from tensorft.train import main
+
+    stage1, _ = cls_runs
+    data = {"tasks": {t: {"train": str(work / f"cls_{t}.jsonl"), "eval": str(work / f"cls_{t}_dev.jsonl")}
+                      for t in TEMPLATES}, "format": "classification"}
+    adapter = {"kind": "ttmoe", "experts": str(stage1), "noise": False}
+    train = {"max_steps": 4, "lr": 0.02, "logging_steps": 1}
+    single = write_config(work, "cls-s2-single", adapter, data=data, model=False, train={**train, "batch_size": 12})
+    assert main(["--config", single]) == 0
+    config = write_config(work, "cls-s2-zero3", adapter, data=data, model=False, train={**train, "batch_size": 6})
+    p = torchrun(config, *STAGE2_DISTRIBUTED["zero3"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = run_info(work / "cls-s2-zero3")
+    assert info["adapter"]["sharded_tensors"] == info["adapter"]["tensors"] > 0, info
+    runs = ("cls-s2-zero3", "cls-s2-single")
+    logged = [[r for r in map(json.loads, open(work / run / "metrics.jsonl"))] for run in runs]
+    losses = [{r["step"]: r["loss"] for r in rows if "loss" in r} for rows in logged]
+    assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3, 4]
+    for step, loss in losses[1].items():
+        assert losses[0][step] == pytest.approx(loss, abs=1e-5), step
+    a, b = (load_file(work / run / "adapter_model.safetensors") for run in runs)
+    assert a.keys() == b.keys() and any(k.endswith("heads.score__weight") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    a, b = (json.loads((work / run / "router_eval.json").read_text()) for run in runs)
+    assert a["confusion"] == b["confusion"] and a["rows"] == 12
+    # each row's class from its expert's own head: the same held-out accuracy per task
+    accuracy = [{k: v for r in rows for k, v in r.items() if k.endswith("_accuracy") and k.startswith("eval_")}
+                for rows in logged]
+    assert accuracy[0] and accuracy[0] == accuracy[1]

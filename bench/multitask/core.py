@@ -9,6 +9,22 @@ Training and evaluation are bench/learning_quality's (``engine.train``, ``engine
   row's id up from its (unpadded) tokens and calls ``model(..., task_ids=ids)`` per row;
 * evaluation: one task at a time, inside ``tensorft.task_context(model, id)``.
 
+T-REX (``trex``) routes by each example's intuition instead of a task id, and is fed the way the
+launcher feeds it (``tensorft.train.run`` -> ``tensorft.intuition.add_intuition``): the prompt
+text of every mixture row (``tensorft.intuition.prompt_text``) is embedded and clustered by
+``tensorft.intuition.compute`` (cached in ``OUT/intuition/``), the centroids go into the adapter
+(``kind.set_intuition``), and each training row carries its scores (``model(..., intuition=)``,
+looked up per row like the task ids). Evaluation gives each scored row its prompt's intuition
+(``kind.routing_for_prompts``, what the lm-eval wrapper does), as training embeds the prompt only.
+
+TT-LoRA MoE (``ttmoe``, :meth:`MultiTaskBench.run_ttmoe`): stage 1 trains one ``tt`` expert per
+task on that task's rows only (each with the step budget of one mixture run) and saves it with
+``tensorft.save`` (a normal adapter, as ``tensorft.experts`` writes); stage 2 attaches
+``{"kind": "ttmoe", "experts": [dirs]}`` and trains only its router on the mixture, from the
+router's ``router_ce`` auxiliary loss (``tensorft.collect_aux_losses``; a stage-2 step is one
+base pass over the prompts, no expert pass). Evaluation routes each row once from its prompt
+(``kind.route``, the clean router) and scores every option with that expert (``expert_ids=``).
+
 Each finished run is one JSON file ``OUT/runs/<method>@<targets>/lr<lr>-seed<seed>.json``
 (zero-shot: ``OUT/runs/zero-shot.json``), written atomically once complete, so a rerun skips
 finished runs. A run records its setup (tasks, steps, batch, evaluated rows); a folder holding
@@ -44,8 +60,28 @@ METHODS: dict[str, Method] = {
         tensorft_kind("cp", 64),
     )
 }
-# The papers' claim is routed vs the shared dense adapter of its family.
-SHARED_BASELINE = {"poly": "lora", "mhr": "lora", "tensorpoly1": "tlora", "tensorpoly2": "tlora"}
+# T-REX at its shipped 4 x 8 (32 rank-one experts from I = 4 output and J = 8 input vectors:
+# the paper's main setting, which it compares against LoRA r=32); lora r=32 as that baseline;
+# T-REX 2 x 4 (8 experts) has LoRA r=8's parameter count on q,v (460,860 vs 460,800).
+# TT-LoRA MoE over tt r=4 experts (learning-quality's tt-r4 shapes, ~1/9 of LoRA r=8 each).
+METHODS.update({
+    m.name: m
+    for m in (
+        tensorft_kind("lora", 32),
+        Method("trex-4x8", "tensorft", "trex", 8, {"rank_out": 4}),
+        Method("trex-2x4", "tensorft", "trex", 4, {"rank_out": 2}),
+        Method("ttmoe-tt4", "tensorft", "ttmoe", 4),
+    )
+})
+# The papers' claims: routed vs the shared dense adapter of its family, by kind -> the shared
+# methods (by name) it is compared with. T-REX's paper compares with LoRA r=32; TT-LoRA MoE's
+# with its own experts (``tt-experts-r4``, written by the ttmoe run) and a shared LoRA.
+SHARED_BASELINE = {"poly": ("lora-r8",), "mhr": ("lora-r8",), "tensorpoly1": ("tlora-r8",),
+                   "tensorpoly2": ("tlora-r8",), "trex": ("lora-r8", "lora-r32"),
+                   "ttmoe": ("tt-experts-r4", "lora-r8")}
+# Stage 2 of ttmoe: router steps per mixture-run step (a router step is one no-grad base pass
+# over the batch's prompts plus a (hidden x E) linear map: ~1/3 of a training step or less).
+ROUTER_STEPS_PER_STEP = 5
 
 
 def is_routed(kind: str) -> bool:
@@ -69,9 +105,39 @@ def for_tasks(method: Method, tasks: list[str]) -> Method:
 
 @dataclass
 class TaskRow(engine.Encoded):
-    """An encoded row of the mixture, with the id of the task it came from."""
+    """An encoded row of the mixture, with the id of the task it came from and (T-REX) its
+    prompt text."""
 
     task: int = 0
+    prompt: str = ""
+
+
+@dataclass
+class PromptRow(engine.Encoded):
+    """An encoded row with its prompt's text as tensorft's intuition embeds it."""
+
+    prompt: str = ""
+
+
+def encode(tokenizer, rows: list[dict]) -> list[PromptRow]:
+    """``engine.encode`` (the same token ids), each row keeping its prompt text as T-REX's
+    training embeds it (``tensorft.intuition.prompt_text``: rendered back from the ids)."""
+    from tensorft.intuition import prompt_text
+
+    return [PromptRow(e.options, e.starts, e.gold, prompt=prompt_text({"prompt": r["prompt"]}, tokenizer))
+            for e, r in zip(engine.encode(tokenizer, rows), rows)]
+
+
+def prompt_of(row: engine.Encoded, tokenizer) -> str:
+    """A row's prompt text: the one it carries, else its prompt tokens decoded."""
+    if getattr(row, "prompt", ""):
+        return row.prompt
+    return tokenizer.decode(row.options[row.gold][:row.starts[row.gold]], skip_special_tokens=True)
+
+
+def prompt_ids(row: engine.Encoded) -> list[int]:
+    """The prompt's token ids (shared by all options: up to the earliest option start)."""
+    return row.options[row.gold][:min(row.starts)]
 
 
 def mixture(train: dict[str, list[engine.Encoded]], mixing: str = "proportional", seed: int = 0) -> list[TaskRow]:
@@ -80,43 +146,75 @@ def mixture(train: dict[str, list[engine.Encoded]], mixing: str = "proportional"
     from tensorft.data import mix_rows
 
     mixed = mix_rows({name: [{"row": r} for r in rows] for name, rows in train.items()}, mixing, 2.0, seed)
-    return [TaskRow(m["row"].options, m["row"].starts, m["row"].gold, task=m["task_ids"]) for m in mixed]
+    return [TaskRow(m["row"].options, m["row"].starts, m["row"].gold, task=m["task_ids"],
+                    prompt=getattr(m["row"], "prompt", "")) for m in mixed]
 
 
-class RowRouted(nn.Module):
-    """``model`` called with one task id per row, looked up from the row's tokens.
+class RowInputs(nn.Module):
+    """``model`` called with per-row routing inputs, looked up from each row's tokens.
 
-    ``engine.train`` builds each batch from row indices it never passes on; the input tokens
-    (prompt + gold option, less its last token) identify the row, and hence its task. An input
-    that two tasks share would be ambiguous and is refused."""
+    ``engine.train`` / ``engine.option_scores`` build batches from row indices they never pass
+    on; a row's input tokens (prompt + option, less its last token) identify it. ``keys[i]``:
+    the inputs of row i (training: its gold option's; evaluation: every option's); ``inputs``:
+    name -> tensor with one entry per row (``task_ids``, ``intuition``, ``expert_ids``). An
+    input that two rows with different routing inputs share would be ambiguous and is refused."""
 
-    def __init__(self, model: nn.Module, rows: list[TaskRow]):
+    def __init__(self, model: nn.Module, keys: list[list[tuple[int, ...]]], inputs: dict[str, torch.Tensor]):
         super().__init__()
         self.model = model
-        self.ids: dict[tuple[int, ...], int] = {}
-        for row in rows:
-            key = tuple(row.options[row.gold][:-1])
-            if self.ids.setdefault(key, row.task) != row.task:
-                raise ValueError(f"the same training input is in tasks {self.ids[key]} and {row.task}")
+        self.inputs = inputs
+        self.index: dict[tuple[int, ...], int] = {}
+        for i, row_keys in enumerate(keys):
+            for key in row_keys:
+                j = self.index.setdefault(key, i)
+                if j != i and any(not torch.equal(v[j], v[i]) for v in inputs.values()):
+                    raise ValueError(f"the same input is in rows {j} and {i} with different routing inputs "
+                                     f"({', '.join(inputs)})")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
         keys = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask)]
-        task_ids = torch.tensor([self.ids[k] for k in keys])
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, task_ids=task_ids, **kwargs)
+        rows = torch.tensor([self.index[k] for k in keys])
+        picked = {name: value[rows] for name, value in self.inputs.items()}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **picked, **kwargs)
+
+
+def gold_keys(rows: list[engine.Encoded]) -> list[list[tuple[int, ...]]]:
+    return [[tuple(r.options[r.gold][:-1])] for r in rows]
+
+
+def option_keys(rows: list[engine.Encoded]) -> list[list[tuple[int, ...]]]:
+    return [[tuple(o[:-1]) for o in r.options] for r in rows]
+
+
+class RowRouted(RowInputs):
+    """``model`` called with one task id per row (and any ``inputs``, one per row), looked up
+    from the row's training input (prompt + gold option, less its last token). An input that
+    two tasks share would be ambiguous and is refused."""
+
+    def __init__(self, model: nn.Module, rows: list[TaskRow], inputs: dict[str, torch.Tensor] | None = None,
+                 task_ids: bool = True):
+        routing = {"task_ids": torch.tensor([r.task for r in rows])} if task_ids else {}
+        try:
+            super().__init__(model, gold_keys(rows), {**routing, **(inputs or {})})
+        except ValueError:
+            raise ValueError("the same training input is in two tasks (or rows with different routing inputs)") from None
 
 
 def evaluate_tasks(model: nn.Module, data: dict[str, list[engine.Encoded]], pad: int,
-                   task_ids: dict[str, int] | None) -> dict[str, float]:
-    """Accuracy per task; ``task_ids`` (routed kinds): the id each task is evaluated with."""
+                   task_ids: dict[str, int] | None, row_inputs=None) -> dict[str, float]:
+    """Accuracy per task; ``task_ids`` (routed kinds): the id each task is evaluated with;
+    ``row_inputs(task, rows)``: per-row routing inputs (name -> one entry per row) every option
+    of a row is scored with (T-REX's intuition, ttmoe's expert choice)."""
     import tensorft
 
     out = {}
     for name, rows in data.items():
+        scored = model if row_inputs is None else RowInputs(model, option_keys(rows), row_inputs(name, rows))
         if task_ids is None:
-            out[name] = engine.evaluate(model, rows, pad)
+            out[name] = engine.evaluate(scored, rows, pad)
         else:
             with tensorft.task_context(model, torch.tensor([task_ids[name]])):
-                out[name] = engine.evaluate(model, rows, pad)
+                out[name] = engine.evaluate(scored, rows, pad)
     return out
 
 
@@ -206,17 +304,27 @@ class MultiTaskBench:
         done = self._done(path)
         if done is not None:
             return done
+        if spec.method.kind == "ttmoe":
+            return self.run_ttmoe(spec)
         start = time.perf_counter()
         method = for_tasks(spec.method, self.tasks)
         routed = method.family == "tensorft" and is_routed(method.kind)
         model, groups, params = attach(engine.fresh_copy(self.base), method, TARGETS[spec.targets], spec.lr, spec.seed)
         rows = mixture({t: self.splits[t]["train"] for t in self.tasks}, seed=spec.seed)
-        trainee = RowRouted(model, rows) if routed else model
+        extra, row_inputs, intuition = {}, None, None
+        if method.kind == "trex":
+            intuition = self.intuition(model, rows, spec.seed)
+            extra = {"intuition": intuition.scores}
+            kind = model.tensorft.kind
+
+            def row_inputs(task, eval_rows):  # each row's prompt alone, as in training
+                return kind.routing_for_prompts(model, [prompt_of(r, self.tokenizer) for r in eval_rows])
+        trainee = RowRouted(model, rows, extra, task_ids=routed) if routed or extra else model
         losses = engine.train(trainee, groups, rows, self.settings, spec.seed, self.pad,
                               protocol.Bench._progress(start) if self.verbose else None)
         trained = time.perf_counter() - start
         ids = self.task_ids if routed else None
-        accs = {f"{s}_acc": evaluate_tasks(model, {t: self.splits[t][s] for t in self.tasks}, self.pad, ids)
+        accs = {f"{s}_acc": evaluate_tasks(model, {t: self.splits[t][s] for t in self.tasks}, self.pad, ids, row_inputs)
                 for s in self.eval_splits}
         result = {
             "method": method.name, "family": method.family, "kind": method.label, "rank": method.rank,
@@ -227,7 +335,183 @@ class MultiTaskBench:
             "loss_first": losses[0], "loss_last10": statistics.fmean(losses[-10:]),
             "train_s": round(trained, 1), "total_s": round(time.perf_counter() - start, 1),
         }
+        if intuition is not None:
+            result["intuition"] = {
+                "encoder": intuition.encoder, "examples": int(intuition.embeddings.shape[0]),
+                "centroids": int(intuition.centroids.shape[0]), "cached": intuition.cached,
+                "encoder_kmeans_s": round(intuition.seconds, 1),
+                "frozen_centroid_values": int(intuition.centroids.numel()),
+            }
         protocol.write_json(path, result)
+        return result
+
+    def intuition(self, model: nn.Module, rows: list[TaskRow], seed: int):
+        """T-REX's intuition as the launcher computes it (``tensorft.intuition.add_intuition``
+        on a ``data.tasks`` config): every training row's prompt embedded, K = rank_out x rank
+        k-means centroids seeded by the adapter seed, cached in ``OUT/intuition/``; the
+        centroids are copied into the adapter. Returns the ``Intuition`` (``scores``: one row
+        per mixture row)."""
+        from tensorft.intuition import compute, describe
+
+        kind = model.tensorft.kind
+        texts = [prompt_of(r, self.tokenizer) for r in rows]
+        result = compute(texts, kind.options.encoder, kind.K, seed, os.path.join(self.out, "intuition"))
+        kind.set_intuition(model, result.centroids)
+        if self.verbose:
+            print(describe(result), flush=True)
+        return result
+
+    # ------------------------------------------------------------------ TT-LoRA MoE
+
+    def expert_dir(self, spec: RunSpec, task: str) -> str:
+        return os.path.join(self.out, "experts", f"{spec.method.name}@{spec.targets}",
+                            f"lr{spec.lr:g}-seed{spec.seed}", task)
+
+    def train_expert(self, spec: RunSpec, expert: Method, task: str) -> dict:
+        """Stage 1 for one task: a ``tt`` expert trained on that task's rows only, with the step
+        budget of one mixture run (``settings``), saved with ``tensorft.save`` (the adapter
+        ``tensorft.experts`` writes per task: its ``tasks`` is the task's name, the expert's
+        name) and evaluated on its own task. Resumable: a saved expert is read back."""
+        import tensorft
+
+        out = self.expert_dir(spec, task)
+        record = os.path.join(out, "bench_result.json")
+        if os.path.isfile(record):
+            result = protocol.read_json(record)
+            if result.get("setup") == self.setup():
+                return result
+        start = time.perf_counter()
+        method = dataclasses.replace(expert, options={**expert.options, "tasks": [task]})
+        model, groups, params = attach(engine.fresh_copy(self.base), method, TARGETS[spec.targets], spec.lr, spec.seed)
+        rows = self.splits[task]["train"]
+        losses = engine.train(model, groups, rows, self.settings, spec.seed, self.pad,
+                              protocol.Bench._progress(start) if self.verbose else None)
+        trained = time.perf_counter() - start
+        accs = {f"{s}_acc": engine.evaluate(model, self.splits[task][s], self.pad) for s in self.eval_splits}
+        tensorft.save(model, out)
+        result = {"task": task, "params": params, "setup": self.setup(), **accs,
+                  "rows_trained": self.settings.steps * self.settings.batch,
+                  "loss_first": losses[0], "loss_last10": statistics.fmean(losses[-10:]),
+                  "train_s": round(trained, 1), "total_s": round(time.perf_counter() - start, 1)}
+        protocol.write_json(record, result)
+        if self.verbose:
+            print(f"    expert {task}: params {params:,} test {accs['test_acc']:.3f} "
+                  f"loss {losses[0]:.2f}->{result['loss_last10']:.2f} [{result['total_s']:.0f} s]", flush=True)
+        return result
+
+    def train_router(self, model: nn.Module, groups: list[dict], rows: list[TaskRow], steps: int, seed: int) -> list[float]:
+        """Stage 2: the ttmoe router on the mixture, AdamW with ``engine``'s schedule, clipping
+        and batches. A step is ``model(prompt ids, task_ids=labels)`` in training mode: ttmoe
+        runs it as a base pass (adapters off, no expert pass) and its hook adds ``router_ce``
+        (noisy router, cross-entropy on the task label) to the auxiliary losses, the router's
+        only objective (as ``TensorftTrainer.compute_loss`` does for stage 2). The inputs are
+        the prompts, so the router reads the last prompt token (what routing at inference
+        reads); ``logits_to_keep=1`` skips most of the unused LM head."""
+        import tensorft
+
+        settings = dataclasses.replace(self.settings, steps=steps)
+        optimizer = torch.optim.AdamW(groups)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.schedule(settings))
+        params = [p for g in groups for p in g["params"]]
+        torch.manual_seed(seed)  # the router's training noise
+        model.train()
+        losses = []
+        for indices in engine.batches(len(rows), steps, settings.batch, seed):
+            inputs = engine._left_padded([prompt_ids(rows[i]) for i in indices], self.pad)
+            with tensorft.collect_aux_losses(model) as aux:
+                model(**inputs, task_ids=torch.tensor([rows[i].task for i in indices]), logits_to_keep=1)
+            loss = aux["router_ce"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        model.eval()
+        return losses
+
+    @torch.no_grad()
+    def route(self, model: nn.Module, rows: list[engine.Encoded], batch_size: int = 32) -> torch.Tensor:
+        """Each row's expert from its prompt: ``kind.route`` (one base pass, the clean router)."""
+        kind = model.tensorft.kind
+        model.eval()
+        out = []
+        for b in range(0, len(rows), batch_size):
+            out.append(kind.route(model, engine._left_padded([prompt_ids(r) for r in rows[b:b + batch_size]], self.pad)))
+        return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.long)
+
+    def run_ttmoe(self, spec: RunSpec) -> dict:
+        """TT-LoRA MoE on the mixture: stage 1 (one tt expert per task, own rows only, the step
+        budget of one mixture run each), stage 2 (the router on the mixture,
+        ``ROUTER_STEPS_PER_STEP`` x steps), then held-out router accuracy, the MoE's per-task
+        accuracy (each row routed once from its prompt) and each task's own expert's. Writes
+        the MoE's run and ``tt-experts-r<rank>``'s (each task scored by its own expert)."""
+        import tensorft
+        from tensorft.adapters.ttmoe import router_report
+
+        start = time.perf_counter()
+        expert = tensorft_kind("tt", spec.method.rank)
+        experts = {t: self.train_expert(spec, expert, t) for t in self.tasks}
+        stage1 = time.perf_counter() - start
+        dirs = [self.expert_dir(spec, t) for t in self.tasks]
+        expert_params = experts[self.tasks[0]]["params"]
+
+        t2 = time.perf_counter()
+        torch.manual_seed(spec.seed)
+        model = tensorft.attach(engine.fresh_copy(self.base), {"kind": "ttmoe", "experts": dirs, "seed": spec.seed})
+        kind = model.tensorft.kind
+        assert kind.options.expert_names == self.tasks, kind.options.expert_names
+        groups = tensorft.optimizer_groups(model, spec.lr, 0.0)
+        trainable = tensorft.count_parameters(model)
+        rows = mixture({t: self.splits[t]["train"] for t in self.tasks}, seed=spec.seed)
+        router_steps = ROUTER_STEPS_PER_STEP * self.settings.steps
+        losses = self.train_router(model, groups, rows, router_steps, spec.seed)
+        stage2 = time.perf_counter() - t2
+
+        # held-out: route every evaluated row once from its prompt; score its options with that expert
+        chosen = {s: {t: self.route(model, self.splits[t][s]) for t in self.tasks} for s in self.eval_splits}
+        routers = {}
+        for s in self.eval_splits:
+            E = len(self.tasks)
+            counts = torch.zeros(E, E, dtype=torch.long)
+            for i, t in enumerate(self.tasks):
+                counts[i] += torch.bincount(chosen[s][t], minlength=E)
+            routers[s] = router_report(counts, self.tasks)
+        accs = {f"{s}_acc": evaluate_tasks(model, {t: self.splits[t][s] for t in self.tasks}, self.pad, None,
+                                           lambda t, _rows, s=s: {"expert_ids": chosen[s][t]})
+                for s in self.eval_splits}
+        setup = self.setup()
+        common = {"family": "tensorft", "targets": spec.targets, "lr": spec.lr, "lr_multiplier": spec.lr_multiplier,
+                  "seed": spec.seed, "setup": setup}
+        expert_accs = {f"{s}_acc": {t: experts[t][f"{s}_acc"] for t in self.tasks} for s in self.eval_splits}
+        experts_result = {
+            "method": f"tt-experts-r{spec.method.rank}", "kind": "tt (own task's expert)", "rank": spec.method.rank,
+            "routed": False, **common, "params": expert_params * len(self.tasks), "params_per_expert": expert_params,
+            **expert_accs, "test_mean": statistics.fmean(expert_accs["test_acc"].values()),
+            "rows_per_task_trained": {t: experts[t]["rows_trained"] for t in self.tasks},
+            "loss_first": {t: experts[t]["loss_first"] for t in self.tasks},
+            "loss_last10": {t: experts[t]["loss_last10"] for t in self.tasks},
+            "train_s": round(sum(experts[t]["train_s"] for t in self.tasks), 1),
+            "total_s": round(sum(experts[t]["total_s"] for t in self.tasks), 1),
+            "note": "each task scored by its own tt expert, trained on that task's rows only (stage 1 of ttmoe)",
+        }
+        result = {
+            "method": spec.method.name, "kind": "ttmoe", "rank": spec.method.rank, "routed": True, **common,
+            "params": expert_params * len(self.tasks) + trainable, "params_trainable_stage2": trainable,
+            "params_per_expert": expert_params, "experts": self.tasks, **accs,
+            "test_mean": statistics.fmean(accs["test_acc"].values()),
+            "router": routers, "router_test_accuracy": routers["test"]["accuracy"],
+            "router_steps": router_steps, "router_loss_first": losses[0],
+            "router_loss_last10": statistics.fmean(losses[-10:]),
+            "rows_per_task_trained": {t: experts[t]["rows_trained"] for t in self.tasks},
+            "router_rows_per_task": _rows_per_task(rows, dataclasses.replace(self.settings, steps=router_steps),
+                                                   spec.seed, self.tasks),
+            "stage1_s": round(stage1, 1), "stage2_s": round(stage2, 1),
+            "train_s": round(stage1 + stage2, 1), "total_s": round(time.perf_counter() - start, 1),
+        }
+        protocol.write_json(os.path.join(self.out, "runs", f"{experts_result['method']}@{spec.targets}",
+                                         f"lr{spec.lr:g}-seed{spec.seed}.json"), experts_result)
+        protocol.write_json(spec.path(self.out), result)
         return result
 
 
@@ -289,22 +573,46 @@ def means(selected: list[protocol.Selected]) -> dict[tuple[str, str], dict]:
 
 
 def comparison_markdown(selected: list[protocol.Selected]) -> str:
-    """The papers' claim, per routed kind: mean accuracy minus its shared dense baseline's
-    (same targets), and on how many tasks it is ahead / level / behind."""
+    """The papers' claims, per routed kind: mean accuracy minus each shared baseline's
+    (``SHARED_BASELINE``, same targets), and on how many tasks it is ahead / level / behind."""
     rows = means(selected)
     lines = ["## Routed vs the shared dense adapter of the same family", "",
-             "| routed | shared | targets | routed mean | shared mean | difference | tasks ahead / level / behind |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "| routed | shared | targets | routed params | shared params | routed mean | shared mean | difference "
+             "| tasks ahead / level / behind |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for (method, targets), row in sorted(rows.items()):
-        base_kind = SHARED_BASELINE.get(row["kind"])
-        shared = next(((m, r) for (m, t), r in rows.items() if r["kind"] == base_kind and t == targets), None)
-        if shared is None:
-            continue
-        tasks = sorted(set(row["accs"]) & set(shared[1]["accs"]))
-        diffs = [row["accs"][t] - shared[1]["accs"][t] for t in tasks]
-        ahead, behind = sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs)
-        lines.append(f"| {method} | {shared[0]} | {targets} | {row['mean']:.3f} | {shared[1]['mean']:.3f} | "
-                     f"{row['mean'] - shared[1]['mean']:+.3f} | {ahead} / {len(diffs) - ahead - behind} / {behind} |")
+        for base_method in SHARED_BASELINE.get(row["kind"], ()):
+            shared = rows.get((base_method, targets))
+            if shared is None:
+                continue
+            tasks = sorted(set(row["accs"]) & set(shared["accs"]))
+            diffs = [row["accs"][t] - shared["accs"][t] for t in tasks]
+            ahead, behind = sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs)
+            lines.append(f"| {method} | {base_method} | {targets} | {row['params']:,} | {shared['params']:,} | "
+                         f"{row['mean']:.3f} | {shared['mean']:.3f} | {row['mean'] - shared['mean']:+.3f} | "
+                         f"{ahead} / {len(diffs) - ahead - behind} / {behind} |")
+    return "\n".join(lines) + "\n"
+
+
+def ttmoe_markdown(results: list[dict]) -> str:
+    """Per ttmoe run: router accuracy on the held-out rows (per task, usage) and stage costs."""
+    runs = [r for r in results if r.get("kind") == "ttmoe"]
+    if not runs:
+        return ""
+    lines = ["## TT-LoRA MoE: router on held-out mixed rows", ""]
+    for r in runs:
+        rep = r["router"]["test"]
+        lines += [f"{r['method']}@{r['targets']} (lr {r['lr']:g}, seed {r['seed']}): {len(r['experts'])} tt r={r['rank']} "
+                  f"experts of {r['params_per_expert']:,} parameters each (stage 1: each on its own task's rows, "
+                  f"{next(iter(r['rows_per_task_trained'].values()))} rows drawn), router {r['params_trainable_stage2']:,} "
+                  f"trainable parameters ({r['router_steps']} steps on the mixture, CE "
+                  f"{r['router_loss_first']:.2f} -> {r['router_loss_last10']:.2f}); stage 1 {r['stage1_s']:.0f} s, "
+                  f"stage 2 {r['stage2_s']:.0f} s.", "",
+                  f"Router accuracy (clean top-1 from the prompt's last token) on {rep['rows']} held-out rows: "
+                  f"**{rep['accuracy']:.3f}**", "",
+                  "| task | router accuracy | rows routed to its expert (usage) |", "|---|---:|---:|"]
+        lines += [f"| {t} | {rep['per_task'].get(t, float('nan')):.3f} | {rep['usage'][t]} |" for t in rep["experts"]]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -364,7 +672,7 @@ def write_report(out: str, settings: str) -> list[protocol.Selected]:
     selected = select(results)
     table = protocol.summary_markdown(selected, settings).replace(
         "# Learning quality: test accuracy", "# Multi-task benchmark: held-out accuracy per task, one adapter", 1)
-    write_text(os.path.join(out, "summary.md"), table + "\n" + comparison_markdown(selected))
+    write_text(os.path.join(out, "summary.md"), table + "\n" + comparison_markdown(selected) + "\n" + ttmoe_markdown(results))
     png = plot_png(selected, "multi-task mixture: mean held-out accuracy vs trainable parameters")
     with atomic_file(os.path.join(out, "report.png")) as tmp:
         with open(tmp, "wb") as f:

@@ -29,11 +29,14 @@ What each pass costs:
   the only extra (trl computes the base's LM loss, which the trainer discards).
 * inference / evaluation forward: one base pass for the router (no grad, adapters off) plus
   one adapted pass, the floor for routing by the base model's representation.
-* ``generate``: the router runs at prefill only; the choice and the present experts' factors
-  are kept in the cache's generation memory for every decode step. A decode step of a batch
-  mixing experts gathers each row's factors once per call (rows keep their expert) and runs two
-  batched matmuls per layer, so it costs about what one ``tt`` expert costs (which rebuilds its
-  factors from the cores at every step).
+* ``generate``: the router runs at prefill only; the choice is kept in the cache's generation
+  memory for every decode step. Prefill runs rows grouped by expert, each present expert's
+  factors built for that forward (as one ``tt`` expert builds its own per forward) and not
+  kept. A decode step of a batch mixing experts contracts each row's token with its own
+  expert's TT cores (gathered once per call: TT-sized per row, a few thousand numbers per
+  layer, never a row's dense LoRA-sized factors), a few batched products per layer, about what
+  one ``tt`` expert costs (which rebuilds its factors from the cores at every step). A call
+  whose rows all run one expert keeps that expert's factors for its decode steps.
 
 Routing position: the last non-padding token (``attention_mask``), or, when ``labels`` mark a
 completion (SFT), the last prompt token, which is what ``generate`` sees at prefill. A plain
@@ -65,8 +68,7 @@ from .tt import TTSite
 
 EXPERTS_INDEX = "experts.json"  # written by stage 1 (tensorft/experts.py): the experts in task order
 GROUPS = "ttmoe_groups"  # frame input: [(expert, row indices or None for every row)], one host sync per forward
-FACTORS = "ttmoe_factors"  # frame input within a generate call: the present experts' factors, built once
-SLOTS = "ttmoe_slots"  # frame input: per row, its expert's index among the present ones (groups order)
+FACTORS = "ttmoe_factors"  # frame input within a generate call: what its decode steps reuse (row cores)
 POSITIONS = "ttmoe_router_positions"  # frame input of a stage-2 training call: where the router reads h
 CORES = ".adapter.cores."
 
@@ -215,13 +217,48 @@ class TTMoESite(SiteAdapter):
         return A, B, self.scale
 
     def factors(self, e: int, cache: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e's pair; within a generate call built once (the cores are frozen) and kept in
-        the call's cache for every decode step."""
+        """Expert e's pair; within a generate call whose rows all run expert e, built once (the
+        cores are frozen) and kept in the call's cache for every decode step."""
         if cache is None:
             return self.expert_factors(e)
         if (self, e) not in cache:
             cache[(self, e)] = self.expert_factors(e)
         return cache[(self, e)]
+
+    def row_cores(self, ids: torch.Tensor, cache: dict) -> list[torch.Tensor]:
+        """Each row's expert's cores, TT-sized per row (a few thousand numbers per layer),
+        gathered once per generate call (rows keep their expert; beams reorder within a
+        prompt, whose rows share it), laid out for :meth:`contract_rows`' batched products:
+        the first input core ``(rows, s_1, r_1)``, the other input cores ``(rows, s_k r_{k-1},
+        r_k)``, the output cores ``(rows, r_{k-1}, s_k r_k)``."""
+        if (self, "row_cores") not in cache:
+            p, out = len(self.in_modes), []
+            for k, c in enumerate(self.cores):
+                c = c.index_select(0, ids)  # (rows, r_{k-1}, s_k, r_k)
+                if k == 0:
+                    c = c[:, 0]
+                elif k < p:
+                    c = c.permute(0, 2, 1, 3).reshape(c.shape[0], -1, c.shape[-1])
+                else:
+                    c = c.reshape(c.shape[0], c.shape[1], -1)
+                out.append(c.contiguous())
+            cache[(self, "row_cores")] = out
+        return cache[(self, "row_cores")]
+
+    def contract_rows(self, x: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
+        """``x (rows, d_in)`` through each row's own cores (:meth:`row_cores`), in factor space:
+        ``tt``'s core contraction with a row axis, equal to ``(x A_e^T) B_e^T`` per row without
+        forming a row's factors. The input modes shrink ``x`` to the rank, the output modes grow
+        it to ``d_out``; one batched product per core."""
+        rows, p = x.shape[0], len(self.in_modes)
+        z = torch.bmm(x.reshape(rows, self.in_modes[0], -1).transpose(1, 2), cores[0])  # (rows, rest, r)
+        for k in range(1, p):  # (rows, s_k * rest', r) -> (rows, rest', s_k r) @ (s_k r, r')
+            z = z.reshape(rows, self.in_modes[k], -1, z.shape[-1]).transpose(1, 2).reshape(rows, -1, cores[k].shape[1])
+            z = torch.bmm(z, cores[k])
+        out = z.reshape(rows, 1, -1)  # (rows, output modes produced, bond)
+        for s_k, core in zip(self.out_modes, cores[p:]):  # (rows, N, r) @ (r, s_k r') -> (rows, N s_k, r')
+            out = torch.bmm(out, core).reshape(rows, -1, core.shape[-1] // s_k)
+        return out.reshape(rows, self.out_features)
 
     def forward(self, x: torch.Tensor, state: AdapterState) -> torch.Tensor:
         routing = state.routing
@@ -234,22 +271,17 @@ class TTMoESite(SiteAdapter):
             return F.linear(F.linear(x, A), B) * self.scale
         lead = x.shape[:-1]
         rows_x = x.reshape(x.shape[0], -1, x.shape[-1])
-        if cache is not None and rows_x.shape[1] == 1:
-            # a decode step (one token per row): a loop over experts costs more kernel calls than
-            # the tokens' matmuls. Each row's factors are gathered once per generate call (rows
-            # keep their expert, beams reorder within a prompt), then two batched matmuls a step.
-            if (self, "rows") not in cache:
-                pairs = [self.factors(e, cache) for e, _ in groups]
-                slots = routing[SLOTS]
-                A = torch.stack([a for a, _ in pairs])[slots].transpose(1, 2).contiguous()  # (rows, d_in, r)
-                B = (torch.stack([b for _, b in pairs])[slots] * self.scale).transpose(1, 2).contiguous()
-                cache[(self, "rows")] = (A, B)
-            A, B = cache[(self, "rows")]
-            if A.shape[0] == rows_x.shape[0]:
-                return torch.bmm(torch.bmm(rows_x, A), B).reshape(*lead, self.out_features)
+        ids = routing.get("expert_ids")
+        if cache is not None and rows_x.shape[1] == 1 and ids is not None and ids.shape[0] == rows_x.shape[0]:
+            # a decode step of a batch mixing experts (one token per row): a loop over experts
+            # costs a kernel pair per expert present, and gathering each row's dense factors
+            # would keep a LoRA-sized copy per row for the whole call. Each row contracts with
+            # its own expert's TT cores instead (gathered once per call, TT-sized per row).
+            out = self.contract_rows(rows_x[:, 0], self.row_cores(ids, cache))
+            return (out * self.scale).reshape(*lead, self.out_features)
         out = rows_x.new_zeros(rows_x.shape[0], rows_x.shape[1], self.out_features)
-        for e, rows in groups:  # one pair of thin matmuls per expert present
-            A, B = self.factors(e, cache)
+        for e, rows in groups:  # one pair of thin matmuls per expert present, built for this forward
+            A, B = self.expert_factors(e)
             out.index_copy_(0, rows, F.linear(F.linear(rows_x.index_select(0, rows), A), B) * self.scale)
         return out.reshape(*lead, self.out_features)
 
@@ -359,15 +391,6 @@ class TTMoE(AdapterKind):
             raise ConfigError("train.objective: ttmoe trains its router with sft data (task-labelled rows)")
         if a.init_from or a.fewshot:
             raise ConfigError("adapter.init_from: not for ttmoe (its experts come from adapter.experts)")
-        d = cfg.distributed
-        if d.strategy == "fsdp" or (d.strategy == "deepspeed" and d.zero_stage == 3):
-            # measured: FSDP2 never reduces the router's gradient (its loss is not in the forward's
-            # outputs) and ZeRO-3 fails to gather the router at the final save; the router is
-            # E x hidden parameters and the base is frozen, so replicas cost little
-            raise ConfigError(
-                "distributed.strategy: ttmoe stage 2 runs under ddp or deepspeed with zero_stage 2, "
-                "not sharded (fsdp, zero_stage 3)"
-            )
         base = getattr(a.options, "_base_model", None)
         if base is not None:
             if not cfg.model.name_or_path:
@@ -469,6 +492,15 @@ class TTMoE(AdapterKind):
     def router(self, model) -> Router:
         return model.tensorft.shared
 
+    def fsdp_units(self, root) -> list[nn.Module]:
+        """FSDP2: the router's trained linear maps are FSDP units of their own (``shard_fsdp2``).
+        Their only loss is the aux loss, which does not pass through the model's outputs: in
+        the root unit, FSDP2's backward hooks (registered on the root's outputs) never fire,
+        so their gradients would never be reduce-scattered. As units of their own, the hooks
+        sit on the router's logits, which the aux loss does pass through."""
+        router = root.shared
+        return [m for m in (router.gate, router.noise) if m is not None]
+
     def base_hidden(self, model, inputs: dict) -> torch.Tensor:
         """The base model's final hidden states (adapters off, no grad, no cache)."""
         from ..model import disable_adapters
@@ -494,11 +526,10 @@ class TTMoE(AdapterKind):
         memory = state.generation_memory(inputs.get("past_key_values"))
         ids = frame.inputs.get("expert_ids")
         if ids is None and memory and "expert_ids" in memory:  # a decode step: the prefill's choice
-            return frame.replace(expert_ids=memory["expert_ids"], **{k: memory[k] for k in (GROUPS, SLOTS, FACTORS)})
+            return frame.replace(expert_ids=memory["expert_ids"], **{k: memory[k] for k in (GROUPS, FACTORS)})
         labels = frame.task_ids
         if ids is None and model.training and labels is not None:
             return self._training_frame(model, frame, inputs, labels)
-        rows = _rows(inputs)
         if ids is None:
             ids = self.route(model, inputs)
         ids = torch.as_tensor(ids).reshape(-1).long()
@@ -506,15 +537,10 @@ class TTMoE(AdapterKind):
             raise TensorftError(f"adapter kind 'ttmoe': expert id out of range 0..{self.n_experts - 1}: {ids.tolist()}")
         ids = ids.to(self.router(model).gate.weight.device)  # row indices must live where the activations do
         groups = expert_groups(ids)
-        slots = None
-        if len(groups) > 1:
-            slots = torch.zeros(rows, dtype=torch.long, device=ids.device)
-            for slot, (_, members) in enumerate(groups):
-                slots[members] = slot
-        routing = {GROUPS: groups, SLOTS: slots}
-        if memory is not None:  # generate: its decode steps reuse the choice and the experts' factors
+        routing = {GROUPS: groups}
+        if memory is not None:  # generate: its decode steps reuse the choice (and what they gather)
             routing[FACTORS] = memory.setdefault(FACTORS, {})
-            memory.update({"expert_ids": ids, GROUPS: groups, SLOTS: slots})
+            memory.update({"expert_ids": ids, GROUPS: groups})
         return frame.replace(expert_ids=ids, **routing)
 
     @property
@@ -566,6 +592,13 @@ class TTMoE(AdapterKind):
                 raise TensorftError(f"adapter kind 'ttmoe': head {module_name} is a {type(module).__name__}, not a linear layer")
             weight = heads[head_key(f"{module_name}.weight")]
             bias = heads[head_key(f"{module_name}.bias")] if head_key(f"{module_name}.bias") in heads else None
+            for p in (weight, bias):
+                if p is not None and hasattr(p, "ds_id"):
+                    # ZeRO-3 gathers a module's own parameters for its forward: the stacked heads
+                    # (the router's) are used by this head's forward hook, so declare them to it
+                    from deepspeed.runtime.zero import register_external_parameter
+
+                    register_external_parameter(module, p)
 
             def expert_head(module, args, output, weight=weight, bias=bias):
                 frame = state.frame
@@ -581,7 +614,8 @@ class TTMoE(AdapterKind):
                     out.index_copy_(0, rows, F.linear(x.index_select(0, rows), weight[e], None if bias is None else bias[e]))
                 return out.to(output.dtype)
 
-            model.tensorft.hook_handles.append(module.register_forward_hook(expert_head))
+            # prepend: before ZeRO-3's own forward hook, which releases the gathered parameters
+            model.tensorft.hook_handles.append(module.register_forward_hook(expert_head, prepend=True))
         model._ttmoe_heads_hooked = True
 
     def expert_modules(self, model, e: int) -> dict[str, torch.Tensor]:
@@ -611,9 +645,10 @@ class TTMoE(AdapterKind):
     def after_training(self, trainer, out: str) -> None:
         """Router accuracy on the held-out per-task sets (data.tasks.<name>.eval), the expert
         usage histogram and the MoE's per-task eval loss: printed and written to
-        ``router_eval.json``. Every rank runs it (the trainer's evaluation is collective); the
-        router is scored on the main rank alone, row by row once (the trainer's distributed
-        evaluation pads a rank's share with repeated rows)."""
+        ``router_eval.json``. Every rank runs it (the trainer's evaluation is collective, and so
+        are the router's base passes under FSDP2 and ZeRO-3); the router is scored on every
+        held-out row once, the same rows on every rank (the trainer's distributed evaluation
+        pads a rank's share with repeated rows), and the main rank writes."""
         import sys
 
         from ..saving import write_json
@@ -624,9 +659,9 @@ class TTMoE(AdapterKind):
                       file=sys.stderr)
             return
         metrics = trainer.evaluate()  # the MoE's eval loss per task (routed, experts applied)
+        counts = self.score_router(trainer)
         if not trainer.args.should_save:
             return
-        counts = self.score_router(trainer)
         report = router_report(counts, self.options.expert_names)
         report["eval_loss"] = {k: v for k, v in metrics.items() if k.endswith("_loss")}
         write_json(os.path.join(out, "router_eval.json"), report)
@@ -639,15 +674,19 @@ class TTMoE(AdapterKind):
     def score_router(self, trainer) -> torch.Tensor:
         """Confusion counts (task label x chosen expert) of the clean router on the trainer's
         tokenized held-out sets, each row once."""
+        from ..distributed import is_fsdp2
         from ..model import unwrap
 
         model = unwrap(trainer.model)
         was_training = model.training
         model.eval()
-        device = next(model.parameters()).device
+        device = trainer.args.device
         sets = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
         self.confusion["eval"].zero_()
         size = trainer.args.per_device_eval_batch_size
+        sharded = is_fsdp2(model)
+        if sharded:  # the base pass runs outside the model's forward: gather the root unit's parameters
+            model.unshard()
         try:
             for ds in sets.values():
                 for start in range(0, len(ds), size):
@@ -655,6 +694,8 @@ class TTMoE(AdapterKind):
                     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                     self._record("eval", batch["task_ids"], self.route(model, batch))
         finally:
+            if sharded:
+                model.reshard()
             model.train(was_training)
         return self.confusion["eval"].clone()
 
@@ -697,9 +738,3 @@ def _all_reduced(counts: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(reduced)
         return reduced.cpu()
     return counts
-
-
-def _rows(inputs: dict) -> int:
-    x = inputs.get("input_ids")
-    x = x if x is not None else inputs.get("inputs_embeds")
-    return x.shape[0] if x is not None else 1

@@ -1,33 +1,43 @@
-"""Helpers the task YAMLs under ``evaluation/tasks`` name with ``!function _tensorft.<name>``.
+"""Helpers the task YAMLs under ``tensorft/evaluation/tasks`` (shipped with the package;
+``evaluation/tasks`` in a checkout links here) name with ``!function _tensorft.<name>``.
 
 lm-eval looks such names up in a ``_tensorft.py`` next to the YAML file; the folders below this
-one hold a small shim of that name (written by ``evaluation/bigbench_to_bbh.py``) that loads
-this file by path, so the plain ``lm_eval`` command finds the helpers from any working
-directory, without ``evaluation`` on ``sys.path``.
+one hold a small shim of that name (written by ``tensorft bigbench-to-bbh``) that loads this
+file by path, so the plain ``lm_eval`` command (``--include_path`` this folder) finds the
+helpers from any working directory; they need ``tensorft`` installed, nothing else on
+``sys.path``.
 
 * ``local_dataset``: the ``custom_dataset`` of the offline tasks. ``dataset_kwargs.data_files``
   maps split names to files (.jsonl, .json, .csv, .parquet); relative paths are resolved against
   the data directory: ``--metadata data_dir=DIR``, else ``$TENSORFT_EVAL_DATA``, else
-  ``evaluation/data`` of this repository. Splits listed in ``dataset_kwargs.optional`` may be
+  ``evaluation/data`` of the repository checkout tensorft runs from, else (an installed
+  package) ``evaluation/data`` under the working directory. Splits listed in ``dataset_kwargs.optional`` may be
   missing and are then empty (lm-eval opens the training split even for zero-shot runs; it is
   only read for few-shot examples).
 * ``RankClassificationTask``: multiple-choice tasks that also report ``acc_norm_tok``
-  (``evaluation/rank_classification.py``).
+  (``tensorft/evaluation/rank_classification.py``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(HERE), "data")
+
+
+def default_data_dir() -> str:
+    """``evaluation/data`` of the checkout this file lies in (``<checkout>/tensorft/evaluation/tasks``),
+    else (installed in site-packages) ``evaluation/data`` under the working directory."""
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(HERE))))
+    if os.path.isfile(os.path.join(checkout, "pyproject.toml")) and os.path.isdir(os.path.join(checkout, "evaluation")):
+        return os.path.join(checkout, "evaluation", "data")
+    return os.path.abspath(os.path.join("evaluation", "data"))
+
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def resolve_data_dir(data_dir: str | None = None) -> str:
-    return data_dir or os.environ.get("TENSORFT_EVAL_DATA") or DEFAULT_DATA_DIR
+    return data_dir or os.environ.get("TENSORFT_EVAL_DATA") or default_data_dir()
 
 
 def local_dataset(data_files: dict | None = None, data_dir: str | None = None, optional=(), **_metadata):
@@ -58,15 +68,11 @@ def local_dataset(data_files: dict | None = None, data_dir: str | None = None, o
 
 
 def _rank_classification():
-    # Reuse the module if the process already imported it, so its metric is registered once.
-    module = sys.modules.get("evaluation.rank_classification") or sys.modules.get("_tensorft_rank_classification")
-    if module is None:
-        path = os.path.join(os.path.dirname(HERE), "rank_classification.py")
-        spec = importlib.util.spec_from_file_location("_tensorft_rank_classification", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return module
+    # The package's module (tensorft is installed wherever lm-eval runs these tasks), so its
+    # metric is registered once per process.
+    import importlib
+
+    return importlib.import_module("tensorft.evaluation.rank_classification")
 
 
 def __getattr__(name):  # imported on first use: lm-eval and torch stay out of plain data loading
