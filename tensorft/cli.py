@@ -86,7 +86,8 @@ def _base_override(args) -> dict:
 def _merge(args) -> int:
     from .export import merge_to_dir
 
-    merge_to_dir(args.adapter_dir, args.out_dir, args.task, args.expert, **_base_override(args))
+    dtype = {} if args.dtype == "float32" else {"dtype": args.dtype}  # float32: merge_to_dir's default
+    merge_to_dir(args.adapter_dir, args.out_dir, args.task, args.expert, **_base_override(args), **dtype)
     note = f" (expert {args.expert})" if args.expert is not None else _task_note(args.task)
     print(f"merged model{note} written to {os.path.abspath(args.out_dir)}")
     return 0
@@ -137,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="where the merged model goes; must not exist or be empty")
     _add_task_option(p)
     p.add_argument("--expert", default=None, metavar="NAME", help="ttmoe: the one expert to merge")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
+                   help="what the merged weights are written in (default float32: the base is reloaded "
+                   "unquantized in full precision; auto: the dtype the adapter was trained with)")
     _add_base_option(p)
     p.set_defaults(func=_merge)
 

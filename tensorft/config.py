@@ -29,6 +29,9 @@ class ModelConfig:
     # path a config names: data files, output_dir, init_from, experts; never the config file's).
     name_or_path: str = ""
     quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
+    # 4-bit bases: QLoRA's double quantization (the blockwise scales quantized too, ~0.37 bit
+    # per weight saved; QLoRA's and PEFT's recipe). Their compute dtype is model.dtype.
+    double_quant: bool = True
     # What the base's weights are loaded and kept in (a 4/8-bit base: the dtype its matmuls
     # compute in). Adapter parameters are float32 whatever it is. train.bf16 is the other knob.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -398,6 +401,10 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("train.max_steps / train.epochs: nothing to train (set max_steps > 0 or epochs > 0)")
     if cfg.distributed.zero_stage not in (2, 3):
         raise ConfigError(f"distributed.zero_stage: must be 2 or 3, got {cfg.distributed.zero_stage}")
+    if not cfg.model.double_quant and cfg.model.quantization not in ("nf4", "fp4"):
+        raise ConfigError(
+            f"model.double_quant: applies to 4-bit bases (nf4, fp4) only; model.quantization is {cfg.model.quantization}"
+        )
     _check_precision(cfg)
     _check_data(cfg)
 

@@ -51,7 +51,7 @@ def quantization_config(model_cfg: ModelConfig):
         load_in_4bit=True,
         bnb_4bit_quant_type=q,  # nf4 | fp4
         bnb_4bit_compute_dtype=torch_dtype(model_cfg.dtype),
-        bnb_4bit_use_double_quant=False,
+        bnb_4bit_use_double_quant=model_cfg.double_quant,  # on by default, as QLoRA
     )
 
 

@@ -129,6 +129,12 @@ def test_merge_and_export_commands(tmp_path, kind):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, want, rtol=0, atol=1e-5)
         torch.testing.assert_close(peft_model(ids).logits, want, rtol=0, atol=1e-5)
+    # float32 by default (the base reloaded in full precision), --dtype for another
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(tmp_path / "merged" / "model.safetensors").values()} == {torch.float32}
+    assert run(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged-bf16"), "--dtype", "bfloat16"]) == 0
+    assert {t.dtype for t in load_file(tmp_path / "merged-bf16" / "model.safetensors").values()} == {torch.bfloat16}
 
     # an existing output is never overwritten, and nothing is left half-written
     assert run(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 2

@@ -109,3 +109,21 @@ def test_4bit_gradients_equal_dense_dequantized_reference_even_after_eval(base_d
     torch.testing.assert_close(q_loss, d_loss, rtol=1e-4, atol=1e-4)
     for name, p in tensorft.adapter_parameters(q).items():
         torch.testing.assert_close(p.grad, tensorft.adapter_parameters(dense)[name].grad, rtol=1e-3, atol=1e-4)
+
+
+def test_4bit_bases_use_double_quantization_by_default_as_qlora(base_dir):
+    """QLoRA's recipe: nf4 with the blockwise scales quantized too (a nested quant state), the
+    compute dtype from model.dtype; ``model.double_quant: false`` turns it off; set for a base
+    that is not 4-bit it is refused in one line, not ignored."""
+    from tensorft.config import parse_config
+
+    def quant_states(model):
+        return [m.weight.quant_state for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
+
+    on = quant_states(load_base_model(ModelConfig(name_or_path=base_dir, quantization="nf4", dtype="bfloat16")))
+    assert on and all(s.nested for s in on) and {s.dtype for s in on} == {torch.bfloat16}
+    off = quant_states(load_base_model(ModelConfig(name_or_path=base_dir, quantization="nf4", double_quant=False)))
+    assert off and not any(s.nested for s in off)
+    with pytest.raises(tensorft.ConfigError, match=r"model.double_quant: applies to 4-bit bases \(nf4, fp4\) only"):
+        parse_config({"model": {"name_or_path": base_dir, "quantization": "int8", "double_quant": False},
+                          "data": {"train": "rows.jsonl"}, "train": {"output_dir": "out"}})

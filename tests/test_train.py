@@ -463,6 +463,18 @@ def test_a_failing_rank_names_its_error_in_torchruns_summary(workdir):
     summary = p.stderr[p.stderr.index("Root Cause"):]
     assert "traceback : tensorft: error: data.train:" in summary and "no-such-file.jsonl" in summary, summary
     assert not (workdir / "ddp-missing-data").exists()
+    # DeepSpeed's launcher prints the ranks' stderr as it comes and passes the exit code on: the
+    # line must be among its last lines, not buried above a traceback
+    config = write_config(workdir, "zero2-missing-data", distributed={"strategy": "deepspeed", "zero_stage": 2},
+                          data={"train": str(workdir / "no-such-file.jsonl"), "format": "alpaca"})
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    p = subprocess.run([launcher, "--num_gpus", "2", TRAIN, "--config", config], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 2
+    last = (p.stdout + p.stderr).strip().splitlines()[-6:]
+    assert any(line.startswith("tensorft: error: data.train:") for line in last), last
+    assert "Traceback" not in p.stdout + p.stderr
 
 
 def test_atomic_writes_are_durable_before_and_after_the_rename(tmp_path, monkeypatch):
