@@ -17,9 +17,23 @@ Models are built in code with random weights (no downloads):
   32000 x 4096 shared by 32 blocks, so ~1000 vocabulary rows per block keeps the head's share
   of the step close to what it is in the full model).
 
-Adapters: ``none`` (frozen base, ``enable_input_require_grads`` so backward runs through the
-network), ``peft-lora`` (``peft.get_peft_model``), and tensorft ``lora``, ``cp``,
-``tt-factors``, ``tt-cores``, all at the same rank, alpha and targets.
+Adapters: ``floor`` (the frozen base doing only what any adapter on these targets needs: a
+zero bias parameter added to every target's output, so backward computes each target's output
+gradient and nothing else: no input gradient of the first block, no adapter math), ``none``
+(frozen base with ``enable_input_require_grads``, the older reference: it pays for the first
+block's input gradient, which no adapter needs), ``peft-lora`` (``peft.get_peft_model``), and
+tensorft ``lora``, ``cp``, ``tt-factors``, ``tt-cores``, all at the same rank, alpha and
+targets.
+
+Training settings (``--checkpointing``, ``--autocast``): non-reentrant activation
+checkpointing of every decoder block, and bf16 autocast around the forward (with ``--dtype
+float32`` or an nf4 base: the QLoRA setting). Each library runs as its trainer does: PEFT as
+trl sets it up (``enable_input_require_grads`` with checkpointing), tensorft as its launcher
+does (no input gradient; under autocast the adapters take the bf16 input as it is).
+
+Clock (``--clock``): ``wall`` with the shared-machine step filtering below, or ``cpu``: the
+process's CPU time per step (``time.process_time``; use ``--threads 1``), which a busy
+neighbour barely moves, so no idle wait and no step filtering.
 
 Memory, three views of the same thing (the extra memory a step needs: activations kept for
 backward, gradients, temporaries, factors built on the fly):
@@ -71,7 +85,7 @@ REPO = HERE.parent
 
 # fp32 parameter + Adam's two moments, kept between steps (gradients live inside the step).
 ADAM_STATE_BYTES = 12
-ADAPTERS = ("none", "peft-lora", "lora", "cp", "tt-factors", "tt-cores")
+ADAPTERS = ("floor", "none", "peft-lora", "lora", "cp", "tt-factors", "tt-cores")
 MODELS = ("smollm2-135m", "llama2-7b-block")
 
 
@@ -156,11 +170,23 @@ def build_model(name: str, args):
 
 def add_adapter(model, adapter: str, args):
     """Freeze the base and inject ``adapter``; returns the (possibly wrapped) model."""
+    import torch
+
     targets = args["targets"]
     rank, alpha = args["rank"], args["alpha"]
+    checkpointing = args.get("checkpointing", False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter == "none":
         model.requires_grad_(False)
         model.enable_input_require_grads()  # so backward runs through the whole network
+        return model
+    if adapter == "floor":
+        model.requires_grad_(False)
+        for name, module in model.named_modules():
+            if name.split(".")[-1] in targets and hasattr(module, "out_features"):
+                module.register_parameter("bench_probe", torch.nn.Parameter(torch.zeros(module.out_features)))
+                module.register_forward_hook(lambda mod, inp, out: out + mod.bench_probe.to(out.dtype))
         return model
     if adapter == "peft-lora":
         from peft import LoraConfig, get_peft_model
@@ -169,7 +195,10 @@ def add_adapter(model, adapter: str, args):
             r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none",
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, cfg)
+        model = get_peft_model(model, cfg)
+        if checkpointing:
+            model.enable_input_require_grads()  # what trl's SFTTrainer does for a PEFT model
+        return model
     import tensorft
 
     spec = {"kind": adapter.split("-")[0], "rank": rank, "alpha": alpha, "targets": targets}
@@ -285,8 +314,16 @@ def run_one(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
+    import contextlib
+
+    def forward_context():
+        if args.get("autocast"):
+            return torch.autocast(device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def step():
-        out = model(input_ids=input_ids, labels=input_ids)
+        with forward_context():
+            out = model(input_ids=input_ids, labels=input_ids)
         out.loss.backward()
         model.zero_grad(set_to_none=True)
         return out.loss.detach()
@@ -311,15 +348,17 @@ def run_one(spec: dict) -> dict:
     # Timed steps. On CPU, a step during which other processes used more than
     # ``step_max_foreign`` cores is kept in the raw data but not counted as clean; we go on
     # until ``iters`` clean steps (or ``max_steps_factor * iters`` steps in all).
-    filter_on = device == "cpu"
+    cpu_clock = args.get("clock") == "cpu"
+    clock = time.process_time if cpu_clock else time.perf_counter
+    filter_on = device == "cpu" and not cpu_clock
     times_ms, foreign, clean = [], [], []
     while len(clean) < args["iters"] and len(times_ms) < args["max_steps_factor"] * args["iters"]:
         sync()
         cpu0 = _cpu_snapshot()
-        t = time.perf_counter()
+        t = clock()
         step()
         sync()
-        dt = time.perf_counter() - t
+        dt = clock() - t
         f = _foreign_cpu(cpu0, _cpu_snapshot(), dt)
         times_ms.append(dt * 1e3)
         foreign.append(f)
@@ -467,9 +506,9 @@ def markdown_table(summary: dict, models, adapters, device: str) -> str:
     mem2 = "step peak alloc MB" if device == "cuda" else "step peak RSS MB"
     lines = [
         "| model (batch x seq) | adapter | trainable params | step ms (median) | per-round medians ms "
-        f"| time vs PEFT LoRA | step peak tensor MB | mem vs PEFT LoRA | + adapter state MB | vs PEFT "
+        f"| time vs PEFT LoRA | time vs floor | step peak tensor MB | mem vs PEFT LoRA | + adapter state MB | vs PEFT "
         f"| {mem2} | {mem2.split()[-2]} vs PEFT | process peak MB | clean / all steps | other load |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def train_mem(s):  # step peak + what the adapter keeps between steps with Adam
@@ -480,6 +519,7 @@ def markdown_table(summary: dict, models, adapters, device: str) -> str:
 
     for m in models:
         ref = summary.get((m, "peft-lora"))
+        floor = summary.get((m, "floor"))
         for a in adapters:
             s = summary.get((m, a))
             if s is None:
@@ -488,6 +528,7 @@ def markdown_table(summary: dict, models, adapters, device: str) -> str:
             lines.append(
                 f"| {m} ({s['batch']}x{s['seq']}) | {a} | {s['trainable']:,} | {s['median_ms']:.1f} | {rounds} "
                 f"| {ratio(s['median_ms'], ref['median_ms']) if ref else '-'} "
+                f"| {ratio(s['median_ms'], floor['median_ms']) if floor else '-'} "
                 f"| {s['tensor_peak_mb']:.1f} | {ratio(s['tensor_peak_mb'], ref['tensor_peak_mb']) if ref else '-'} "
                 f"| {train_mem(s):.1f} | {ratio(train_mem(s), train_mem(ref)) if ref else '-'} "
                 f"| {s['step_mem_mb']:.0f} | {ratio(s['step_mem_mb'], ref['step_mem_mb']) if ref else '-'} "
@@ -530,6 +571,9 @@ def report_block(args: dict, info: dict, table: str, command: str, started: str,
         "(TT: tensorft's default balanced mode factorisation, scale = alpha)",
         f"- models: smollm2-135m = SmolLM2-135M dims, random weights; llama2-7b-block = 1 Llama-2-7B "
         f"decoder block with vocab {args['block_vocab']}",
+        f"- training settings: activation checkpointing {'on (non-reentrant)' if args.get('checkpointing') else 'off'}, "
+        f"bf16 autocast {'on' if args.get('autocast') else 'off'}; clock: "
+        + ("process CPU time per step (time.process_time)" if args.get("clock") == "cpu" else "wall time"),
         f"- timing: {args['warmup']} warm-up + {args['iters']} timed steps per process, {args['rounds']} "
         "round(s) interleaved (order rotated each round); step ms = median over the clean timed steps "
         "of all rounds; a step = forward + causal-LM loss + backward + zero_grad(set_to_none=True) "
@@ -572,6 +616,10 @@ def parse_args(argv=None):
                    help="base weights dtype (auto: float32 on cpu, bfloat16 on cuda); adapters stay fp32")
     p.add_argument("--quantization", default="none", choices=("none", "nf4"))
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on cpu")
+    p.add_argument("--checkpointing", action="store_true", help="non-reentrant activation checkpointing")
+    p.add_argument("--autocast", action="store_true", help="bf16 autocast around the forward")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="cpu: process CPU time per step (use --threads 1); no idle wait, no step filtering")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"), help="markdown file the run is appended to")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to --out")
     p.add_argument("--json", default=str(HERE / "_out" / "adapter_step.json"),
@@ -620,7 +668,7 @@ def main(argv=None) -> None:
     worker_args = {k: args[k] for k in (
         "targets", "rank", "alpha", "smollm_batch", "smollm_seq", "block_batch", "block_seq", "block_vocab",
         "warmup", "iters", "device", "dtype", "quantization", "threads", "step_max_foreign",
-        "max_steps_factor",
+        "max_steps_factor", "checkpointing", "autocast", "clock",
     )}
     results = []
     for rnd in range(ns.rounds):
@@ -632,7 +680,7 @@ def main(argv=None) -> None:
                 spec = {"model": m, "adapter": a, "args": worker_args}
                 best = None
                 for attempt in range(ns.retries + 1):
-                    if ns.device == "cpu" and ns.wait_idle > 0:
+                    if ns.device == "cpu" and ns.wait_idle > 0 and ns.clock == "wall":
                         wait_for_idle(ns.wait_idle)
                     t = time.perf_counter()
                     r = run_in_subprocess(spec, ns.timeout)

@@ -251,6 +251,50 @@ class AdapterTrainerMixin:
         # names its base and kind.
         return None
 
+    # The eval loss. The Trainer combines ranks by repeating each rank's batch loss over the
+    # configured batch size, gathering, and cutting the result to the last batch's real rows:
+    # on the last (or only) batch of a set that does not fill every rank, the cut keeps the
+    # first rank's copies and drops the others' (with 4 rows on 2 ranks, rank 0's loss alone,
+    # and for a loss scaled by the number of ranks, 2x it). The loss here is the data set's:
+    # each row's loss total and weight (``row_losses``: tokens for SFT, one per row for
+    # classification and DPO), gathered row by row like the predictions (the padding rows a
+    # rank repeats are cut) and summed: the same on any number of ranks and for any batching.
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        rows = self.__dict__.get("_eval_rows")
+        if rows is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)  # on the device, as the row losses need them
+        with first_output(model) as outputs_seen:
+            result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        try:
+            found = self.row_losses(inputs, outputs_seen[0]) if outputs_seen and result[0] is not None else None
+        except (AttributeError, KeyError):  # an output without the per-row terms (e.g. trl without its fused head)
+            found = None
+        if found is None:  # the same on every rank (the objective's settings): no gather is skipped by one
+            rows.append(None)
+            return result
+        gathered = []
+        for x in found:
+            x = self.accelerator.pad_across_processes(x.detach().float().reshape(-1), dim=0, pad_index=0)
+            gathered.append(self.accelerator.gather_for_metrics(x).double().sum().cpu())
+        rows.append(tuple(gathered))
+        return result
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        self._eval_rows = []
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        finally:
+            rows, self._eval_rows = self._eval_rows, None
+        key = f"{metric_key_prefix}_loss"
+        if rows and None not in rows and key in output.metrics:
+            total, weight = (sum(r[i] for r in rows) for i in (0, 1))
+            if weight > 0:
+                output.metrics[key] = (total / weight).item()
+        return output
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # The eval loss as the Trainer computes it (per task for a dict of sets), then, on the
         # top-level call, the held-out accuracy of the multiple-choice sets.
@@ -487,9 +531,21 @@ class TensorftClassificationTrainer(AdapterTrainerMixin, Trainer):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("compute_metrics", classification_accuracy)
         super().__init__(*args, **kwargs)
+        # The Trainer takes a model whose forward has ``**kwargs`` for one that divides its loss
+        # by ``num_items_in_batch`` (the labels of every rank and accumulation step): it then
+        # multiplies the loss by the number of ranks (DDP averages it back) and leaves out the
+        # division by the accumulation steps. The classification head's loss ignores that count
+        # (transformers' sequence-classification models do not pass it on): a mean over the
+        # micro-batch's rows, which the scaling made world_size x grad_accum times too large (the
+        # logged loss, the eval loss, and the gradient). A per-batch mean, as the Trainer treats
+        # a model without loss kwargs.
+        self.model_accepts_loss_kwargs = False
 
     def row_losses(self, inputs, outputs):
-        losses = F.cross_entropy(outputs.logits.float(), inputs["labels"], reduction="none")
+        if outputs.logits.shape[-1] < 2 or inputs["labels"].is_floating_point():
+            return None  # regression or multi-label: not the cross-entropy below
+        logits = outputs.logits.float()
+        losses = F.cross_entropy(logits, inputs["labels"].to(logits.device), reduction="none")
         return losses, torch.ones_like(losses)
 
 

@@ -250,10 +250,26 @@ def torchrun(config, *extra, wait=True):
 
 @pytest.fixture(scope="module")
 def reference_run(workdir):
-    """One process, global batch 8, 4 steps: what every 2-rank launch (4 rows each) must reproduce."""
-    p = train(write_config(workdir, "single", train={"max_steps": 4, "batch_size": 8, "save_steps": 10}))
+    """One process, global batch 8, 4 steps: what every 2-rank launch (4 rows each) must reproduce.
+    Evaluated at the end on 6 held-out rows (``EVAL``): 2 ranks hold 4 and 2 (+ 2 repeated)."""
+    words = ["red", "green", "blue", "black", "white", "pink"]
+    _jsonl(workdir / "alpaca_dev.jsonl", [{"instruction": f"Say the word {w} twice.", "input": "",
+                                            "output": f"{w} {w}" + " again" * i} for i, w in enumerate(words)])
+    p = train(write_config(workdir, "single", data=EVAL(workdir), train={"max_steps": 4, "batch_size": 8, "save_steps": 10}))
     assert p.returncode == 0, p.stderr[-2000:]
     return workdir / "single"
+
+
+def EVAL(workdir):
+    return {"eval": str(workdir / "alpaca_dev.jsonl")}
+
+
+def assert_same_eval_loss(run, reference, tol=1e-5):
+    """The held-out loss of the end-of-training evaluation: the data set's, whatever the ranks
+    (not each rank's batch loss repeated and cut to the real rows, which kept rank 0's alone)."""
+    got, want = ([r["eval_loss"] for r in metrics(out) if "eval_loss" in r] for out in (run, reference))
+    assert len(got) == len(want) == 1, (got, want)
+    assert got[0] == pytest.approx(want[0], abs=tol), (got, want)
 
 
 def assert_same_run(run, reference, loss_tol, weight_tol):
@@ -278,7 +294,7 @@ def run_info(run):
 def test_ddp_two_ranks_matches_single_process_loss_curve(workdir, reference_run):
     """torchrun DDP: really two ranks (not a silent one-process fallback), same losses as one
     process with the same global batch."""
-    ddp = write_config(workdir, "ddp", train={"max_steps": 4, "batch_size": 4, "save_steps": 10},
+    ddp = write_config(workdir, "ddp", data=EVAL(workdir), train={"max_steps": 4, "batch_size": 4, "save_steps": 10},
                        distributed={"strategy": "ddp"})
     p = torchrun(ddp)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -286,6 +302,7 @@ def test_ddp_two_ranks_matches_single_process_loss_curve(workdir, reference_run)
     assert info["world_size"] == 2 and info["process_group"] == 2
     assert info["adapter"]["local"] == info["adapter"]["full"]  # DDP replicates
     assert_same_run(workdir / "ddp", reference_run, loss_tol=2e-3, weight_tol=1e-4)
+    assert_same_eval_loss(workdir / "ddp", reference_run)
 
 
 def test_deepspeed_zero2_two_ranks_matches_single_process(workdir, reference_run):
@@ -454,6 +471,23 @@ def test_strategy_must_match_the_launch(workdir):
     assert not (workdir / "bad-fsdp").exists() and not (workdir / "bad-fsdp-int8").exists()
 
 
+def test_activation_checkpointing_trains_the_same_adapter(workdir):
+    """Non-reentrant activation checkpointing with no input gradient forced (tensorft does not
+    call enable_input_require_grads): every checkpointed block's adapter still gets its
+    gradient, so the run equals one without checkpointing."""
+    for name, on in (("ckpt-on", True), ("ckpt-off", False)):
+        p = train(write_config(workdir, name, train={"max_steps": 3, "save_steps": 10, "gradient_checkpointing": on}))
+        assert p.returncode == 0, p.stderr[-2000:]
+    on, off = metrics(workdir / "ckpt-on"), metrics(workdir / "ckpt-off")
+    assert [r["loss"] for r in on if "loss" in r] == pytest.approx([r["loss"] for r in off if "loss" in r], abs=1e-5)
+    a, b = load_file(workdir / "ckpt-on" / "adapter_model.safetensors"), load_file(workdir / "ckpt-off" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    losses = [r["loss"] for r in on if "loss" in r]
+    assert losses[-1] < losses[0], losses  # it trained (not two runs that both stood still)
+
+
 def test_a_failing_rank_names_its_error_in_torchruns_summary(workdir):
     """torchrun ends with its own failure summary; it must carry the rank's one-line error, not
     "error_file: <N/A>" and a link to its docs (the line was 40 lines up, above a traceback)."""
@@ -507,3 +541,23 @@ def test_atomic_writes_are_durable_before_and_after_the_rename(tmp_path, monkeyp
         (tmp_path / name).write_bytes(b"x")
     saving.fsync_tree(str(tmp_path / "ckpt"))
     assert [path for _, path in events] == [str(tmp_path / p) for p in ("ckpt/sub/b.pt", "ckpt/sub", "ckpt/a.pt", "ckpt")]
+
+
+def test_a_new_classification_head_is_seeded_by_train_seed(tmp_path):
+    """A seq-cls base loaded from a causal-LM checkpoint gets a new head, drawn while loading:
+    from train.seed, not from whatever the process's RNG held (same config, same head)."""
+    from conftest import save_tiny_chat_llama
+    from tensorft.config import parse_config
+    from tensorft.train import build_model
+
+    save_tiny_chat_llama(tmp_path / "tiny")
+    cfg = parse_config({"model": {"name_or_path": str(tmp_path / "tiny"), "task": "seq-cls", "num_labels": 3},
+                        "adapter": {"kind": "lora", "rank": 2, "targets": ["q_proj"]},
+                        "data": {"train": "rows.jsonl", "format": "classification"},
+                        "train": {"output_dir": str(tmp_path / "out"), "seed": 7}})
+    heads = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # what earlier work left in the global RNG
+        model, _ = build_model(cfg)
+        heads.append(model.score.weight.detach().clone())
+    torch.testing.assert_close(heads[0], heads[1], rtol=0, atol=0)

@@ -11,7 +11,8 @@ prompts): stage 1 trains one expert per task, resumes by skipping finished exper
 trains the router (accuracy on held-out data > 0.9, logged usage), leaves the experts
 unchanged, reloads with from_pretrained, exports one expert as PEFT LoRA, refuses a merge; bad
 input stops with one line, exit 2, nothing written. Stage 2 on 2 ranks (DDP, FSDP2, ZeRO-3; the
-seq-cls setting under ZeRO-3) equals one process."""
+seq-cls setting under ZeRO-3) equals one process, held-out losses included; so does plain seq-cls
+(no router) on 2 DDP ranks with gradient accumulation."""
 
 import json
 import os
@@ -492,6 +493,23 @@ def test_stage2_on_two_ranks_equals_one_process(work, stage1, stage2_single, str
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     a, b = (json.loads((work / run / "router_eval.json").read_text()) for run in runs)
     assert a["confusion"] == b["confusion"] and a["rows"] == 12
+    assert_same_eval_loss(work, runs, a, b)
+
+
+def assert_same_eval_loss(work, runs, *reports):
+    """The held-out loss per task (metrics.jsonl's evaluation rows and router_eval.json) is one
+    process's: ranks' losses are combined, not summed or scaled by the number of processes."""
+    evaluated = [{k: v for r in map(json.loads, open(work / run / "metrics.jsonl")) if "loss" not in r
+                  for k, v in r.items() if k.startswith("eval_") and k.endswith("_loss")} for run in runs]
+    assert evaluated[0] and sorted(evaluated[0]) == sorted(evaluated[1])
+    print(f"\neval losses, {runs[0]} vs {runs[1]}: {evaluated}")
+    for key, loss in evaluated[1].items():
+        assert evaluated[0][key] == pytest.approx(loss, abs=1e-5), (key, evaluated)
+    if reports:
+        a, b = (report["eval_loss"] for report in reports)
+        assert a and sorted(a) == sorted(b)
+        for key, loss in b.items():
+            assert a[key] == pytest.approx(loss, abs=1e-5), (key, a, b)
 
 
 def test_params_counts_the_router_as_trainable_and_the_experts_as_frozen(work, stage1, capsys):
@@ -627,3 +645,50 @@ def test_seq_cls_stage2_under_zero3_equals_one_process(work, cls_runs):
     accuracy = [{k: v for r in rows for k, v in r.items() if k.endswith("_accuracy") and k.startswith("eval_")}
                 for rows in logged]
     assert accuracy[0] and accuracy[0] == accuracy[1]
+    # ... and the same held-out loss: the classification head's loss is a mean over each rank's
+    # rows, which the trainer must not scale by the number of ranks (it read 2x before)
+    assert_same_eval_loss(work, runs, a, b)
+
+
+def test_seq_cls_on_two_ddp_ranks_with_accumulation_equals_one_process(work, cls_runs):
+    """Plain sequence classification (a tt adapter and its own head, no router): 2 DDP ranks of
+    3 rows with 2 accumulation steps equal one process with a batch of 12, step by step (the
+    training loss and the update) and on the held-out sets. The head's loss is a mean over the
+    micro-batch's rows: the trainer must average it over ranks and accumulation steps, not
+    scale it by the number of ranks and skip the division by the accumulation steps."""
+    from test_train import run_info, torchrun
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tensorft.train import main
+
+    # a saved head: one the loader initializes is drawn from the process's random state, which
+    # differs between a launch and this process
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(str(work / "tiny"), num_labels=2).save_pretrained(work / "tiny-cls")
+    AutoTokenizer.from_pretrained(str(work / "tiny")).save_pretrained(work / "tiny-cls")
+    data = {"tasks": {t: {"train": str(work / f"cls_{t}.jsonl"), "eval": str(work / f"cls_{t}_dev.jsonl")}
+                      for t in TEMPLATES}, "format": "classification"}
+    adapter = {**TT, "modules_to_save": ["score"]}
+    train = {"max_steps": 3, "lr": 0.02, "logging_steps": 1}
+    configs = {}
+    for name, extra in (("cls-plain-single", {"batch_size": 12}), ("cls-plain-ddp", {"batch_size": 3, "grad_accum": 2})):
+        configs[name] = write_config(work, name, adapter, data=data, train={**train, **extra})
+        text = yaml.safe_load(open(configs[name]))
+        text["model"].update(name_or_path=str(work / "tiny-cls"), task="seq-cls", num_labels=2)
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(text))
+    assert main(["--config", configs["cls-plain-single"]]) == 0
+    p = torchrun(configs["cls-plain-ddp"], *STAGE2_DISTRIBUTED["ddp"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert run_info(work / "cls-plain-ddp")["world_size"] == 2
+    runs = ("cls-plain-ddp", "cls-plain-single")
+    losses = [{r["step"]: r["loss"] for r in map(json.loads, open(work / run / "metrics.jsonl")) if "loss" in r}
+              for run in runs]
+    print(f"\nseq-cls, 2 DDP ranks x 2 accumulation steps vs one process: losses {losses}")
+    assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3]
+    for step, loss in losses[1].items():
+        assert losses[0][step] == pytest.approx(loss, abs=1e-5), step
+    a, b = (load_file(work / run / "adapter_model.safetensors") for run in runs)
+    assert a.keys() == b.keys() and "score.weight" in a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+    assert_same_eval_loss(work, runs)

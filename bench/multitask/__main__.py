@@ -15,8 +15,10 @@ Tasks, splits, training loop, evaluation and the lr protocol (defaults: one base
 x0.25, x1, x4, chosen by dev accuracy averaged over the tasks) are bench/learning_quality's.
 The mixture is tensorft's ``proportional`` multi-task mixing of every task's train split.
 Writes ``OUT/runs/**.json`` (one per finished run: a rerun skips them), ``OUT/summary.md``
-(per-task and mean test accuracy, params; routed vs shared of the same family) and
-``OUT/report.png`` (mean accuracy vs trainable parameters).
+(per-task and mean test accuracy, params; routed vs shared of the same family; ttmoe's router
+accuracy) and ``OUT/report.png`` (mean accuracy vs trainable parameters); ttmoe's stage-1 expert
+adapters go to ``OUT/experts/`` (a rerun reads finished ones back), T-REX's embeddings and
+centroids to ``OUT/intuition/`` (tensorft's intuition cache; large, not committed).
 """
 
 from __future__ import annotations

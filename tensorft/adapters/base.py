@@ -325,6 +325,16 @@ def adam_pace_scale(init_rms: float, d_in: int) -> float:
     return init_rms * math.sqrt(3 * d_in)
 
 
+def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in the adapter's dtype for its matmuls; under autocast as it is, because autocast
+    casts a matmul's inputs itself: an explicit cast would write a float32 copy of every adapted
+    layer's bf16 input that the next matmul casts straight back (the same values: bf16 ->
+    float32 -> bf16 is exact)."""
+    if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(dtype)
+
+
 def kaiming_uniform_(tensor: torch.Tensor) -> torch.Tensor:
     """nn.Linear's default init (what PEFT uses for lora_A)."""
     return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..registry import register_adapter
 from ..topology import ATTENTION_ROLES, MLP_ROLES, Site
-from .base import AdapterKind, AdapterState, SiteAdapter, adam_pace_scale
+from .base import AdapterKind, AdapterState, SiteAdapter, adam_pace_scale, adapter_input
 
 # How far the C factors start from 1 (dW is zero at init through B = 0 either way).
 C_INIT_SPREAD = 0.2
@@ -142,7 +142,7 @@ class CPSite(SiteAdapter):
         A_site, B_site = self._tensor.site_factors(self.role, self.layer, self.scale)
         if A_site.device != x.device:  # a model split over GPUs (device_map): factors live on one
             A_site, B_site = A_site.to(x.device), B_site.to(x.device)
-        x = self.dropout(x.to(A_site.dtype))
+        x = self.dropout(adapter_input(x, A_site.dtype))
         return F.linear(F.linear(x, A_site), B_site)
 
 

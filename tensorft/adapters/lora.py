@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..registry import register_adapter
 from ..topology import Site
-from .base import AdapterKind, AdapterState, SiteAdapter, kaiming_uniform_
+from .base import AdapterKind, AdapterState, SiteAdapter, adapter_input, kaiming_uniform_
 
 
 class LoraSite(SiteAdapter):
@@ -24,7 +24,7 @@ class LoraSite(SiteAdapter):
         kaiming_uniform_(self.lora_A)
 
     def forward(self, x: torch.Tensor, state: AdapterState) -> torch.Tensor:
-        x = self.dropout(x.to(self.lora_A.dtype))
+        x = self.dropout(adapter_input(x, self.lora_A.dtype))
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
     def lora_factors(self):

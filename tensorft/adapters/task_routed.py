@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, TensorftError
 from ..topology import Site
-from .base import AdapterKind, AdapterState, SiteAdapter
+from .base import AdapterKind, AdapterState, SiteAdapter, adapter_input
 
 EPS = 1e-12  # as mttl / peft: only guards a row whose samples are all ~0
 ROUTING_INIT = 1e-3  # Z ~ U(-1e-3, 1e-3): every expert starts at sigmoid ~ 0.5
@@ -135,7 +135,7 @@ class RoutedSite(SiteAdapter):
         ids = self.row_task_ids(state, rows_x.shape[0], self.routing_logits.device)
         sample = self.training and self.routing == "relaxed-bernoulli"
         A, B = self.mixed_factors(self.mixing_weights(ids, sample))
-        rows_x = self.dropout(rows_x.to(A.dtype))
+        rows_x = self.dropout(adapter_input(rows_x, A.dtype))
         # the scale goes on the small factor, not on the (batch, tokens, d_out) output
         y = torch.bmm(torch.bmm(rows_x, A.transpose(1, 2)), (B * self.scale).transpose(1, 2))
         return y.reshape(*lead, self.out_features)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from ..registry import register_adapter
 from ..topology import Site
-from .base import AdapterKind, AdapterState, SiteAdapter
+from .base import AdapterKind, AdapterState, SiteAdapter, adapter_input
 from .task_routed import RoutedKind, RoutedSite, RoutingOptions, check_positive_ints, check_routing_options
 
 
@@ -133,7 +133,7 @@ class TLoRASite(EntangledFactors, SiteAdapter):
 
     def forward(self, x: torch.Tensor, state: AdapterState) -> torch.Tensor:
         A, B, s = self.lora_factors()
-        x = self.dropout(x.to(A.dtype))
+        x = self.dropout(adapter_input(x, A.dtype))
         return F.linear(F.linear(x, A), B * s)
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..registry import register_adapter
 from ..topology import Site
-from .base import AdapterKind, AdapterState, SiteAdapter, adam_pace_scale
+from .base import AdapterKind, AdapterState, SiteAdapter, adam_pace_scale, adapter_input
 
 # Default mode size the automatic factorisation aims for (4096 -> [16, 16, 16]).
 TARGET_MODE = 16
@@ -124,7 +124,7 @@ class TTSite(SiteAdapter):
         return A, B, self.scale
 
     def forward(self, x: torch.Tensor, state: AdapterState) -> torch.Tensor:
-        x = self.dropout(x.to(self.cores[0].dtype))
+        x = self.dropout(adapter_input(x, self.cores[0].dtype))
         if self.path == "cores":
             return self._contract_cores(x) * self.scale
         A, B = self.tt_factors()
