@@ -370,7 +370,9 @@ def make_trainer(cfg: Config, model, tokenizer, args, train_ds, eval_ds, callbac
 
         train_ds, eval_ds = tokenize_classification(tokenizer, cfg.train.max_length, train_ds, eval_ds)
         trainer_cls = TensorftClassificationTrainer
-    sharded_later = {"defer_reference": True} if cfg.distributed.strategy == "fsdp" and trainer_cls is TensorftDPOTrainer else {}
+    sharded_later = {}
+    if cfg.distributed.strategy == "fsdp" and trainer_cls is TensorftDPOTrainer:
+        sharded_later["defer_reference"] = True
     trainer = trainer_cls(
         model=model,
         args=args,
