@@ -211,7 +211,12 @@ def run(argv=None) -> int:
 
 def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(run(argv))
+    code = run(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `torchrun -m tensorft.cli train ...`
+        from .train import exit_process
+
+        exit_process(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
