@@ -160,34 +160,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def forward(name: str, argv: list[str]) -> int:
-    """Run a forwarded command (``tensorft eval ...``) with its module's own argument parser."""
-    from .errors import TensorftError
+def _user_errors_as_one_line(call) -> int:
+    """``call()``'s exit code; a user error (bad input, a missing extra) becomes one line on
+    stderr and exit code 2, as every command reports them."""
+    from .errors import TensorftError, report_error
     from .extras import missing_extra
 
-    module_name, _ = FORWARDED[name]
     try:
-        module = importlib.import_module(module_name)
-        code = module.main(argv, prog=f"tensorft {name}")
-    except SystemExit as e:  # argparse (--help, a bad option: already printed) or a main that exits
-        code = e.code
+        return call()
+    except TensorftError as e:
+        report_error(str(e))
+        return 2
     except ImportError as e:
         line = missing_extra(e)
         if line is None:
             raise
-        print(f"tensorft: error: {line}", file=sys.stderr)
+        report_error(line)
         return 2
-    except TensorftError as e:
-        print(f"tensorft: error: {e}", file=sys.stderr)
-        return 2
-    return 0 if code is None else code if isinstance(code, int) else 2
+
+
+def forward(name: str, argv: list[str]) -> int:
+    """Run a forwarded command (``tensorft eval ...``) with its module's own argument parser."""
+    module_name, _ = FORWARDED[name]
+
+    def call() -> int:
+        try:
+            code = importlib.import_module(module_name).main(argv, prog=f"tensorft {name}")
+        except SystemExit as e:  # argparse (--help, a bad option: already printed) or a main that exits
+            code = e.code
+        return 0 if code is None else code if isinstance(code, int) else 2
+
+    return _user_errors_as_one_line(call)
 
 
 def run(argv=None) -> int:
     """Run a command; user errors become one line on stderr and exit code 2."""
-    from .errors import TensorftError
-    from .extras import missing_extra
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in FORWARDED:
         return forward(argv[0], argv[1:])
@@ -196,17 +203,7 @@ def run(argv=None) -> int:
         parser.print_help()
         return 2
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except TensorftError as e:
-        print(f"tensorft: error: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:
-        line = missing_extra(e)
-        if line is None:
-            raise
-        print(f"tensorft: error: {line}", file=sys.stderr)
-        return 2
+    return _user_errors_as_one_line(lambda: args.func(args))
 
 
 def main(argv=None) -> None:
