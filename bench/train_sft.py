@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the sweep, kinds interleaved")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="cpu: tokens per CPU second of the training process, one torch thread (a shared "
+                             "machine: other processes barely move it; wall time there is noise)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -134,6 +137,15 @@ def main() -> None:
 
         args.model = smollm2_135m_instruct()
     if args.one:
+        if args.clock == "cpu":
+            import time
+            import types
+
+            import tensorft.trainers
+
+            # The same MetricsCallback times both the launcher's runs and the PEFT + trl baseline:
+            # give it the process's CPU clock instead of the wall clock.
+            tensorft.trainers.time = types.SimpleNamespace(perf_counter=time.process_time)
         print("RESULT " + json.dumps(run_one(args, args.one, args.work)), flush=True)
         return
 
@@ -145,8 +157,11 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", kind, "--work", work, "--model", args.model,
                    "--quantization", args.quantization, "--rank", str(args.rank), "--targets", args.targets,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)] + (["--bf16"] if args.bf16 else [])
-            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                   "--warmup", str(args.warmup), "--clock", args.clock] + (["--bf16"] if args.bf16 else [])
+            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+            if args.clock == "cpu":
+                env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
             if p.returncode != 0 or not line:
                 sys.exit(f"{kind} failed:\n{p.stderr[-3000:]}")
@@ -157,7 +172,8 @@ def main() -> None:
     base = {k: statistics.median(x["tokens_per_s"] for x in results if x["kind"] == k) for k in args.kinds.split(",")}
     mem = {k: statistics.median(x["peak_memory_mb"] for x in results if x["kind"] == k) for k in args.kinds.split(",")}
     ref = "peft-lora" if "peft-lora" in base else None
-    print(f"\n{platform.processor() or platform.machine()}, torch threads {os.cpu_count()}; batch {args.batch} x "
+    threads = 1 if args.clock == "cpu" else os.cpu_count()
+    print(f"\n{platform.processor() or platform.machine()}, torch threads {threads}, clock {args.clock}; batch {args.batch} x "
           f"seq {args.seq}, rank {args.rank}, targets {args.targets}, quantization {args.quantization}")
     print("| kind | trainable params | tokens/s | vs PEFT LoRA | peak memory MB | vs PEFT LoRA |")
     print("|---|---:|---:|---:|---:|---:|")

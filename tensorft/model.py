@@ -99,6 +99,8 @@ class AdaptedLinear(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         if self.merged or not self._state.enabled:
             return y
+        if self.adapter.adds_into_base_output:
+            return self.adapter(x, self._state, base_out=y)
         return y + self.adapter(x, self._state).to(y.dtype)
 
     def is_quantized(self) -> bool:

@@ -231,9 +231,9 @@ def test_task_ids_reach_the_adapter_state_and_are_cleared():
     layer = model.tensorft.layers["model.layers.0.self_attn.q_proj"]
     original = layer.adapter.forward
 
-    def spy(x, state):
+    def spy(x, state, **kwargs):
         seen.append(None if state.task_ids is None else state.task_ids.tolist())
-        return original(x, state)
+        return original(x, state, **kwargs)
 
     layer.adapter.forward = spy
     ids = tokens()
@@ -260,3 +260,56 @@ def test_closed_form_parameter_count_equals_real_count(model_name, adapter, targ
     sites = [layer.site for layer in root.layers.values()]
     assert root.kind.parameter_count(sites) == tensorft.count_parameters(model)
     assert tensorft.count_parameters(model) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class _OutputSizedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that write a tensor with ``numel`` elements (an adapted layer's output)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.numel() == self.numel:
+                    self.ops.append(func.__name__)
+        return out
+
+
+@pytest.mark.parametrize("kind", ["lora", "cp", "tt"])
+def test_static_kinds_add_their_update_into_the_base_output(kind):
+    """lora, cp and tt return ``base(x) + update`` from one addmm (scale in its alpha): same
+    numbers as the separate sum, and fewer output-sized tensors written in forward + backward
+    than PEFT's ``base + lora_B(lora_A(x)) * s`` (issue 13: faster than PEFT)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tensorft.attach(tiny_llama(kv_heads=2), {"kind": kind, "rank": 4, "alpha": 8, "targets": ["q_proj"]})
+    randomize_adapters(model)
+    layer = model.tensorft.layers["model.layers.0.self_attn.q_proj"]
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    separate = layer.base_layer(x) + layer.adapter(x, model.tensorft.state)  # the update alone, then +
+    torch.testing.assert_close(layer(x), separate, rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: bf16 like the base, bf16's rounding
+        fused = layer(x)
+        separate_bf16 = layer.base_layer(x) + layer.adapter(x, model.tensorft.state)
+    assert fused.dtype == separate_bf16.dtype == torch.bfloat16
+    size = separate.abs().max().item()
+    assert (fused.float() - separate).abs().max() <= 2 * (separate_bf16.float() - separate).abs().max() + 1e-2 * size
+
+    def written(module):
+        counter = _OutputSizedOps(2 * 5 * layer.out_features)
+        with counter:
+            module(x).sum().backward()
+        return counter.ops
+
+    peft_layer = get_peft_model(tiny_llama(kv_heads=2), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    peft_q = peft_layer.base_model.model.model.layers[0].self_attn.q_proj
+    ours, theirs = written(layer), written(peft_q)
+    assert len(ours) <= len(theirs) - 2, (ours, theirs)
+
+    layer.base_layer.to(torch.bfloat16)  # a float32 adapter on a bf16 base, no autocast: the fallback
+    with torch.no_grad():
+        want = layer.base_layer(x.bfloat16()) + layer.adapter(x.bfloat16(), model.tensorft.state).bfloat16()
+        torch.testing.assert_close(layer(x.bfloat16()), want, rtol=0, atol=0)

@@ -708,7 +708,7 @@ def test_saved_for_backward_is_at_most_loras_at_equal_parameters():
     new_bytes = saved_bytes(trex_layer(site), x, *params)
     old_bytes = saved_bytes(trex_layer(lambda x, state: old_forward(site, x, intuition, state)), x, *params)
     tokens_ = rows * seq
-    assert lora_bytes == tokens_ * rank * 4  # x A^T
+    assert lora_bytes == (tokens_ * rank + rank * d) * 4  # x A^T, and B^T in row-major (lora_update)
     # margin 0: at most lora's; per token only h (I = 4 values), plus per layer the scaled A
     # (d_out x I), the intuition (rows x K) and w
     assert new_bytes <= lora_bytes, (new_bytes / tokens_ / 4, lora_bytes / tokens_ / 4)

@@ -29,6 +29,7 @@ from typing import ClassVar, Iterator, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import TensorftError
 from ..topology import ModelShape, Site
@@ -194,7 +195,14 @@ class AdapterState:
 
 
 class SiteAdapter(nn.Module):
-    """The adapter of one linear layer."""
+    """The adapter of one linear layer.
+
+    A kind whose update is a LoRA pair at forward time sets ``adds_into_base_output`` and
+    accepts ``forward(x, state, base_out=y)``, returning ``y + update`` (see :func:`lora_update`).
+    """
+
+    # True: AdaptedLinear passes the base layer's output in and takes the sum back.
+    adds_into_base_output: ClassVar[bool] = False
 
     def __init__(self, site: Site, dropout: float = 0.0):
         super().__init__()
@@ -333,6 +341,32 @@ def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
         return x
     return x.to(dtype)
+
+
+def lora_update(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                base_out: torch.Tensor | None = None) -> torch.Tensor:
+    """``s (x A^T) B^T`` for ``A: r x d_in``, ``B: d_out x r``; with ``base_out``, that plus
+    ``base_out``.
+
+    Two choices make this cheaper than PEFT's ``base + lora_B(lora_A(x)) * s``:
+    - Layout: both factors enter the matmuls as row-major ``r x d`` (``A`` and ``B^T`` made
+      contiguous: copies the size of the factors). With a thin ``r``, BLAS is 2-3x slower on the
+      other layout, and autograd's gradient matmuls follow the factor's layout: a ``d_out x r``
+      ``B`` (nn.Linear's, PEFT's) sends both of its backward matmuls down the slow path.
+    - The sum is one ``addmm`` whose ``alpha`` carries the scale: no update-sized tensor is
+      written, scaled and added, and backward does not multiply the output gradient by ``s``.
+    Falls back to the separate sum when the base output's dtype is not the one the adapter
+    computes in (a float32 adapter on a bf16 base without autocast; a 4-bit base computing in
+    float32 under bf16 autocast): the sum keeps the base output's dtype. bench/RESULTS.md
+    ("Adapter step against the floor") measures the difference."""
+    A, Bt = A.contiguous(), B.t().contiguous()
+    h = F.linear(x, A)
+    if base_out is None:
+        return torch.matmul(h, Bt) * scale
+    if base_out.dtype != h.dtype:
+        return base_out + (torch.matmul(h, Bt) * scale).to(base_out.dtype)
+    out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), Bt, alpha=scale)
+    return out.view(base_out.shape)
 
 
 def kaiming_uniform_(tensor: torch.Tensor) -> torch.Tensor:

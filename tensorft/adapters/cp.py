@@ -29,12 +29,11 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..registry import register_adapter
 from ..topology import ATTENTION_ROLES, MLP_ROLES, Site
-from .base import AdapterKind, AdapterState, SiteAdapter, adam_pace_scale, adapter_input
+from .base import AdapterKind, AdapterState, SiteAdapter, adam_pace_scale, adapter_input, lora_update
 
 # How far the C factors start from 1 (dW is zero at init through B = 0 either way).
 C_INIT_SPREAD = 0.2
@@ -78,11 +77,12 @@ class CPAttentionTensor(nn.Module):
         """Exact LoRA pair ``(A_site, B_site)`` of layer ``layer``, matrix ``role``."""
         c = self.C_layers[layer] * self.C_matrices[self.roles.index(role)] * scale  # (r,)
         heads = self.head_factor(role)  # (H, r)
-        # stack_h(B diag(c * C_h[h])): (H * d_head) x r, head-major like HF's head layout
-        stacked = (heads[:, None, :] * c * self.B[None, :, :]).reshape(-1, self.B.shape[1])
+        # stack_h(B diag(c * C_h[h]))^T: r x (H * d_head), head-major like HF's head layout, built
+        # row-major in r (the layout lora_update's thin matmuls want, so no copy follows)
+        stacked_t = ((heads.t() * c[:, None])[:, :, None] * self.B.t()[:, None, :]).reshape(self.B.shape[1], -1)
         if role == "o":  # heads on the input axis: dW = A (stacked)^T
-            return stacked.t(), self.A
-        return self.A.t(), stacked
+            return stacked_t, self.A
+        return self.A.t(), stacked_t.t()
 
 
 class CPMLPTensor(nn.Module):
@@ -98,10 +98,10 @@ class CPMLPTensor(nn.Module):
 
     def site_factors(self, role: str, layer: int, scale: float):
         c = self.C_layers[layer] * self.C_matrices[self.roles.index(role)] * scale
-        ffn_side = self.B * c  # d_ffn x r
+        ffn_side_t = self.B.t() * c[:, None]  # r x d_ffn, row-major (see CPAttentionTensor)
         if role == "down":  # d_ffn -> d: transposed orientation
-            return ffn_side.t(), self.A
-        return self.A.t(), ffn_side
+            return ffn_side_t, self.A
+        return self.A.t(), ffn_side_t.t()
 
 
 class CPFactors(nn.Module):
@@ -122,6 +122,8 @@ class CPFactors(nn.Module):
 class CPSite(SiteAdapter):
     """One layer's view of the shared CP factors. Owns no parameters."""
 
+    adds_into_base_output = True
+
     def __init__(self, site: Site, tensor: nn.Module, scale: float, dropout: float):
         super().__init__(site, dropout)
         self.role, self.layer, self.scale = site.role, site.layer, scale
@@ -138,12 +140,12 @@ class CPSite(SiteAdapter):
         A_site, B_site = self._tensor.site_factors(self.role, self.layer, self.scale)
         return A_site, B_site, 1.0
 
-    def forward(self, x: torch.Tensor, state: AdapterState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: AdapterState, base_out: torch.Tensor | None = None) -> torch.Tensor:
         A_site, B_site = self._tensor.site_factors(self.role, self.layer, self.scale)
         if A_site.device != x.device:  # a model split over GPUs (device_map): factors live on one
             A_site, B_site = A_site.to(x.device), B_site.to(x.device)
         x = self.dropout(adapter_input(x, A_site.dtype))
-        return F.linear(F.linear(x, A_site), B_site)
+        return lora_update(x, A_site, B_site, 1.0, base_out)  # the scale is inside B_site
 
 
 @register_adapter("cp")

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..registry import register_adapter
 from ..topology import Site
-from .base import AdapterKind, AdapterState, SiteAdapter, adapter_input, kaiming_uniform_
+from .base import AdapterKind, AdapterState, SiteAdapter, adapter_input, kaiming_uniform_, lora_update
 
 
 class LoraSite(SiteAdapter):
+    adds_into_base_output = True
+
     def __init__(self, site: Site, rank: int, scale: float, dropout: float):
         super().__init__(site, dropout)
         self.scale = scale
@@ -23,9 +24,9 @@ class LoraSite(SiteAdapter):
         self.lora_B = nn.Parameter(torch.zeros(site.out_features, rank))
         kaiming_uniform_(self.lora_A)
 
-    def forward(self, x: torch.Tensor, state: AdapterState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: AdapterState, base_out: torch.Tensor | None = None) -> torch.Tensor:
         x = self.dropout(adapter_input(x, self.lora_A.dtype))
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return lora_update(x, self.lora_A, self.lora_B, self.scale, base_out)
 
     def lora_factors(self):
         return self.lora_A, self.lora_B, self.scale

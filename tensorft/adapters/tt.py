@@ -23,12 +23,11 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..registry import register_adapter
 from ..topology import Site
-from .base import AdapterKind, AdapterState, SiteAdapter, adam_pace_scale, adapter_input
+from .base import AdapterKind, AdapterState, SiteAdapter, adam_pace_scale, adapter_input, lora_update
 
 # Default mode size the automatic factorisation aims for (4096 -> [16, 16, 16]).
 TARGET_MODE = 16
@@ -72,6 +71,8 @@ def balanced_factors(n: int, parts: int | None = None) -> list[int]:
 
 
 class TTSite(SiteAdapter):
+    adds_into_base_output = True
+
     def __init__(self, site: Site, in_modes, out_modes, rank: int, scale: float, dropout: float, path: str):
         super().__init__(site, dropout)
         self.in_modes, self.out_modes = list(in_modes), list(out_modes)
@@ -123,12 +124,13 @@ class TTSite(SiteAdapter):
         A, B = self.tt_factors()
         return A, B, self.scale
 
-    def forward(self, x: torch.Tensor, state: AdapterState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: AdapterState, base_out: torch.Tensor | None = None) -> torch.Tensor:
         x = self.dropout(adapter_input(x, self.cores[0].dtype))
         if self.path == "cores":
-            return self._contract_cores(x) * self.scale
+            update = self._contract_cores(x) * self.scale
+            return update if base_out is None else base_out + update.to(base_out.dtype)
         A, B = self.tt_factors()
-        return F.linear(F.linear(x, A), B) * self.scale
+        return lora_update(x, A, B, self.scale, base_out)
 
     def _contract_cores(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
