@@ -1,4 +1,4 @@
-"""The speed benchmarks of issues 10 and 11 end to end at toy size (one decoder layer of the
+"""The speed benchmarks of issues 10, 11 and 13 end to end at toy size (one decoder layer of the
 SmolLM2-135M shape, tiny vocabulary, one round): bench/routed_step.py with trex against lora at
 matched parameters (and the intuition encoder's cost), and bench/ttmoe_inference.py (whose MoE
 rows must equal each expert alone)."""
@@ -91,3 +91,27 @@ def test_ttmoe_grouped_rows_equal_each_expert_alone(tmp_path):
     # a row against another expert does not match
     wrong, _ = ttmoe_inference.prefill(alone[0], {k: v[:1] for k, v in inputs.items()})
     assert (wrong - logits[:1]).abs().max() > 1e-2
+
+
+def test_sft_bench_times_launcher_and_peft_trl_on_the_cpu_clock(tmp_path):
+    """bench/train_sft.py (issue 13: SFT tokens/s through the launcher vs PEFT + trl) at toy size:
+    both rows train through their real code paths, with the same trainable parameters."""
+    import subprocess
+
+    from conftest import save_tiny_chat_llama
+
+    model = save_tiny_chat_llama(tmp_path / "model")
+    out = tmp_path / "sft.json"
+    p = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "train_sft.py"), "--kinds", "peft-lora,lora", "--model", model,
+         "--steps", "3", "--warmup", "1", "--batch", "2", "--seq", "96", "--clock", "cpu", "--json", str(out)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "torch threads 1, clock cpu" in p.stdout
+    rows = {r["kind"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"peft-lora", "lora"}
+    per_layer = 2 * (64 + 64) + 2 * (64 + 32)  # rank 1: q, o 64->64; k, v 64->32
+    assert rows["peft-lora"]["trainable_parameters"] == rows["lora"]["trainable_parameters"] == 2 * 8 * per_layer
+    for row in rows.values():
+        assert row["tokens_per_s"] > 0 and row["steps_timed"] == 2
