@@ -115,3 +115,14 @@ def test_sft_bench_times_launcher_and_peft_trl_on_the_cpu_clock(tmp_path):
     assert rows["peft-lora"]["trainable_parameters"] == rows["lora"]["trainable_parameters"] == 2 * 8 * per_layer
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["steps_timed"] == 2
+
+
+def test_adapter_layer_bench_times_every_kind_against_the_floor(tmp_path):
+    import adapter_layer
+
+    out = tmp_path / "layer.json"
+    result = adapter_layer.main(["--d", "64", "--heads", "4", "--tokens", "16", "--rank", "2", "--iters", "1",
+                                 "--rounds", "2", "--json", str(out)])
+    assert [r["kind"] for r in result["rows"]] == list(adapter_layer.KINDS)
+    assert all(len(r["rounds_ms"]) == 2 and r["ms"] > 0 for r in result["rows"])
+    assert json.loads(out.read_text())["args"]["d"] == 64
