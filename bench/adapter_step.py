@@ -568,7 +568,7 @@ def report_block(args: dict, info: dict, table: str, command: str, started: str,
         f"- device {dev}, base dtype {dtype}, quantization {args['quantization']}"
         + (f", torch threads {args['threads']}" if dev == "cpu" else ""),
         f"- adapters: rank {args['rank']}, alpha {args['alpha']}, targets {','.join(args['targets'])} "
-        "(TT: tensorft's default balanced mode factorisation, scale = alpha)",
+        "(TT: tensorft's default balanced mode factorisation, scale = alpha / r as every kind)",
         f"- models: smollm2-135m = SmolLM2-135M dims, random weights; llama2-7b-block = 1 Llama-2-7B "
         f"decoder block with vocab {args['block_vocab']}",
         f"- training settings: activation checkpointing {'on (non-reentrant)' if args.get('checkpointing') else 'off'}, "

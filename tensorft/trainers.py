@@ -670,13 +670,15 @@ class CheckpointOnSignal(TrainerCallback):
     """SIGTERM / SIGUSR1 (SLURM preemption) and Ctrl-C (SIGINT): save a checkpoint at the end of
     the current step, then stop. The launcher exits non-zero (128 + signal) so a requeued job
     resumes from that checkpoint. A second Ctrl-C stops at once (KeyboardInterrupt, no checkpoint).
-    The previous handlers come back when training ends."""
+    The previous handlers come back when training ends. A signal ignored when training starts
+    stays ignored (a job started in the background with ``&`` ignores Ctrl-C, as Python does)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received: int | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS
+                          if signal.getsignal(sig) is not signal.SIG_IGN}
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.received is not None:

@@ -202,7 +202,15 @@ def _send_sigint_at_first_log(monkeypatch, times):
     monkeypatch.setattr(trainers.MetricsCallback, "on_log", on_log)
 
 
-def test_ctrl_c_checkpoints_like_sigterm(work, capsys, monkeypatch):
+@pytest.fixture
+def ctrl_c_reaches_python():
+    """Python's own Ctrl-C handler, as in a terminal (a background job starts with SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_checkpoints_like_sigterm(work, capsys, monkeypatch, ctrl_c_reaches_python):
     from tensorft.trainers import complete_checkpoints
 
     _send_sigint_at_first_log(monkeypatch, times=1)
@@ -217,7 +225,7 @@ def test_ctrl_c_checkpoints_like_sigterm(work, capsys, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's Ctrl-C is back
 
 
-def test_second_ctrl_c_stops_at_once(work, capsys, monkeypatch):
+def test_second_ctrl_c_stops_at_once(work, capsys, monkeypatch, ctrl_c_reaches_python):
     _send_sigint_at_first_log(monkeypatch, times=2)
     config = write_config(work, "ctrl-c-twice", train={"max_steps": 50})
     assert train_main(["--config", config]) == 128 + signal.SIGINT
@@ -227,6 +235,18 @@ def test_second_ctrl_c_stops_at_once(work, capsys, monkeypatch):
     assert ours[-1] == "tensorft: interrupted; no checkpoint written by this interruption", err
     assert not os.path.exists(work / "ctrl-c-twice" / "checkpoints" / "checkpoint-2")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_signal_stays_ignored_while_training(ctrl_c_reaches_python):
+    from tensorft.trainers import CheckpointOnSignal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # started with `&` from a script
+    previous_term = signal.getsignal(signal.SIGTERM)
+    watcher = CheckpointOnSignal()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) == watcher._handle  # preemption still checkpoints
+    watcher.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == previous_term
 
 
 # --------------------------------------------------------------------------- the Python API
