@@ -77,7 +77,8 @@ def test_one_hot_router_equals_the_chosen_expert_alone(experts):
     for e, directory in enumerate(experts):
         one_hot_router(model, e)
         got = model(ids).logits
-        torch.testing.assert_close(got, expert_alone(directory)(ids).logits, rtol=0, atol=1e-6)
+        # float32 rounding only: a tt expert alone adds its update inside one addmm (lora_update)
+        torch.testing.assert_close(got, expert_alone(directory)(ids).logits, rtol=0, atol=1e-5)
         logits.append(got)
     assert not torch.allclose(logits[0], logits[1], atol=1e-3)  # the experts differ
     assert model.tensorft.config.tasks == NAMES and tensorft.count_parameters(model) == 2 * 3 * 65
