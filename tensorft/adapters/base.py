@@ -358,7 +358,7 @@ def lora_update(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
     Falls back to the separate sum when the base output's dtype is not the one the adapter
     computes in (a float32 adapter on a bf16 base without autocast; a 4-bit base computing in
     float32 under bf16 autocast): the sum keeps the base output's dtype. bench/RESULTS.md
-    ("Adapter step against the floor") measures the difference."""
+    ("The update inside one addmm, factors row-major") measures the difference."""
     A, Bt = A.contiguous(), B.t().contiguous()
     h = F.linear(x, A)
     if base_out is None:
