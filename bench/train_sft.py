@@ -61,6 +61,11 @@ def config(args, kind: str, work: str) -> dict:
 
 def run_one(args, kind: str, work: str) -> dict:
     """In this (fresh) process: train, then summarise metrics.jsonl."""
+    import time
+
+    import torch
+
+    import tensorft.trainers
     from tensorft.config import load_config
 
     cfg_path = os.path.join(work, f"{kind}.yaml")
@@ -85,6 +90,9 @@ def run_one(args, kind: str, work: str) -> dict:
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
         "peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
         "steps_timed": len(timed),
+        # what the timing really used in this process (not what was asked for)
+        "clock": "cpu" if tensorft.trainers.time.perf_counter is time.process_time else "wall",
+        "torch_threads": torch.get_num_threads(),
     }
 
 

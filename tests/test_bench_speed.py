@@ -115,6 +115,7 @@ def test_sft_bench_times_launcher_and_peft_trl_on_the_cpu_clock(tmp_path):
     assert rows["peft-lora"]["trainable_parameters"] == rows["lora"]["trainable_parameters"] == 2 * 8 * per_layer
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["steps_timed"] == 2
+        assert row["clock"] == "cpu" and row["torch_threads"] == 1  # as measured in each training process
 
 
 def test_adapter_layer_bench_times_every_kind_against_the_floor(tmp_path):
