@@ -127,3 +127,25 @@ def test_adapter_layer_bench_times_every_kind_against_the_floor(tmp_path):
     assert [r["kind"] for r in result["rows"]] == list(adapter_layer.KINDS)
     assert all(len(r["rounds_ms"]) == 2 and r["ms"] > 0 for r in result["rows"])
     assert json.loads(out.read_text())["args"]["d"] == 64
+
+
+def test_step_profile_bench_reports_each_adapter_against_the_floor_in_the_same_round(tmp_path):
+    import step_profile
+
+    out = tmp_path / "profile.json"
+    summary = step_profile.main(["--adapters", "lora,cp", "--layers", "1", "--vocab", "256", "--batch", "1",
+                                 "--seq", "8", "--rounds", "1", "--steps", "1", "--warmup", "0", "--top", "1000",
+                                 "--json", str(out)])
+    rows = {r["adapter"]: r for r in summary["rows"]}
+    assert list(rows) == ["floor", "lora", "cp"]  # the floor is added first when not asked for
+    assert rows["floor"]["ratio_to_floor"] == [1.0]
+    per_layer = 2 * (576 + 576) + 2 * (576 + 192)  # rank 8 lora: q, o 576 -> 576; k, v 576 -> 192
+    assert rows["lora"]["trainable"] == 8 * per_layer
+    for name in ("lora", "cp"):
+        row = rows[name]
+        assert row["step_cpu_ms"][0] > 0
+        assert abs(row["ratio_to_floor"][0] - row["step_cpu_ms"][0] / rows["floor"]["step_cpu_ms"][0]) < 1e-2
+        # the floor's bias-free projections never call addmm; these kinds add their update with one
+        assert row["op_deltas_ms"]["aten::addmm"] > 0
+    saved = json.loads(out.read_text())
+    assert len(saved["rounds"]) == 1 and saved["settings"]["layers"] == 1
