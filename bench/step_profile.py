@@ -3,11 +3,12 @@
 
 adapter_step.py times whole steps; on a shared 2-core machine its wall-clock rows cannot
 separate the few percent an adapter costs. This file runs the same models and adapters
-(``adapter_step.build`` pieces: SmolLM2-135M dims or a Llama-2-7B block, random weights, the same
-``floor`` definition) under ``torch.profiler`` on one thread and reports, per configuration:
+(adapter_step.py's model dimensions and ``add_adapter``: SmolLM2-135M dims or a Llama-2-7B block,
+random weights, the same ``floor`` definition) under ``torch.profiler`` on one thread and
+reports, per configuration:
 
-* ``step CPU ms``: this process's CPU time per profiled step (profiler overhead included; it is
-  about the same for every configuration, since the op counts are within 2x);
+* ``step CPU ms``: this process's CPU time per profiled step (profiler overhead included: a few
+  microseconds per op, i.e. some ms per step at these op counts, small beside seconds);
 * ``vs floor``: that over the floor's in the same round (configurations interleaved, each in a
   fresh process), and the median over rounds;
 * ``op deltas``: self CPU ms per step of each op minus the floor's, largest first: what the
