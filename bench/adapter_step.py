@@ -136,12 +136,14 @@ def resolve_dtype(args):
     return getattr(torch, name)
 
 
-def build_model(name: str, args):
+def build_model(name: str, args, **config_overrides):
+    """``name``'s model with random weights; ``config_overrides`` replace its config values
+    (step_profile.py's toy sizes)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dtype = resolve_dtype(args)
-    cfg = LlamaConfig(**model_config_kwargs(name, args))
+    cfg = LlamaConfig(**{**model_config_kwargs(name, args), **config_overrides})
     cfg.use_cache = False
     torch.manual_seed(0)
     if args["quantization"] == "nf4":

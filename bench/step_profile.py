@@ -3,7 +3,7 @@
 
 adapter_step.py times whole steps; on a shared 2-core machine its wall-clock rows cannot
 separate the few percent an adapter costs. This file runs the same models and adapters
-(adapter_step.py's model dimensions and ``add_adapter``: SmolLM2-135M dims or a Llama-2-7B block,
+(adapter_step.py's ``build_model`` and ``add_adapter``: SmolLM2-135M dims or a Llama-2-7B block,
 random weights, the same ``floor`` definition) under ``torch.profiler`` on one thread and
 reports, per configuration:
 
@@ -39,21 +39,19 @@ ADAPTERS = ("floor", "peft-lora", "lora", "cp", "tt-factors")
 def worker(spec: dict) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(spec["threads"])
     args = dict(rank=spec["rank"], alpha=spec["alpha"], targets=spec["targets"], checkpointing=False,
-                block_vocab=1024)
-    kwargs = adapter_step.model_config_kwargs(spec["model"], args)
+                block_vocab=1024, dtype="float32", device="cpu", quantization="none")
+    overrides = {}
     if spec["layers"]:
-        kwargs["num_hidden_layers"] = spec["layers"]
+        overrides["num_hidden_layers"] = spec["layers"]
     if spec["vocab"]:
-        kwargs["vocab_size"] = spec["vocab"]
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs, use_cache=False))
-    model.train()
+        overrides["vocab_size"] = spec["vocab"]
+    model = adapter_step.build_model(spec["model"], args, **overrides)
+    vocab = model.config.vocab_size
     model = adapter_step.add_adapter(model, spec["adapter"], args)
-    ids = torch.randint(0, kwargs["vocab_size"], (spec["batch"], spec["seq"]),
+    ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]),
                         generator=torch.Generator().manual_seed(0))
 
     def step():
@@ -83,10 +81,10 @@ def run_config(spec: dict) -> dict:
 
 
 def summarize(rounds: list[list[dict]], adapters: list[str], top: int) -> dict:
+    floors = [next(r for r in rnd if r["adapter"] == "floor") for rnd in rounds]
     rows = []
     for a in adapters:
         per_round = [next(r for r in rnd if r["adapter"] == a) for rnd in rounds]
-        floors = [next(r for r in rnd if r["adapter"] == "floor") for rnd in rounds]
         ratios = [r["step_cpu_ms"] / f["step_cpu_ms"] for r, f in zip(per_round, floors)]
         deltas = {}
         for r, f in zip(per_round, floors):
