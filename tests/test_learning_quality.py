@@ -122,3 +122,15 @@ def test_bench_end_to_end_resume_and_report(tiny, tmp_path, monkeypatch):
     assert "peft-lora-r1" in summary and "zero-shot" in summary
     assert os.path.getsize(os.path.join(out, "report", "report.png")) > 0
     assert "cp (qv)" in open(os.path.join(out, "report", "report.md")).read()
+
+
+def test_report_only_summary_names_no_single_base_lr():
+    """--report-only summarises whatever runs a folder holds (often several base lrs): its
+    settings line must not claim the --lr default for all of them."""
+    from bench.learning_quality import __main__ as cli
+
+    run = cli.resolve(cli.build_parser().parse_args(["--quick", "--lr", "0.001"]))
+    assert "base lr 0.001, mode defaults (x1)" in cli.settings_line(run)
+    only = cli.resolve(cli.build_parser().parse_args(["--quick", "--report-only"]))
+    line = cli.settings_line(only)
+    assert "base lr" not in line and "every lr the folder's runs used" in line

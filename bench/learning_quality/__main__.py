@@ -89,11 +89,17 @@ def resolve(args) -> argparse.Namespace:
     return args
 
 
+def lr_line(args) -> str:
+    if args.report_only:  # the folder may hold runs of several base lrs (e.g. --lr 5e-4 and 1e-3)
+        return "learning rates: every lr the folder's runs used, the dev-chosen one per cell in the lr column"
+    return (f"base lr {args.lr:g}, mode {args.mode} "
+            f"(x{', x'.join(f'{m:g}' for m in protocol.LR_MULTIPLIERS[args.mode])})")
+
+
 def settings_line(args) -> str:
     return (f"SmolLM2-135M-Instruct fp32; {args.steps} steps of batch {args.batch}, AdamW (weight decay 0), "
             f"linear warmup {engine.TrainSettings().warmup} steps then linear decay to 0, grad-norm clip 1.0; "
-            f"loss on the gold option's tokens; base lr {args.lr:g}, mode {args.mode} "
-            f"(x{', x'.join(f'{m:g}' for m in protocol.LR_MULTIPLIERS[args.mode])}); seeds {args.seeds}; "
+            f"loss on the gold option's tokens; {lr_line(args)}; seeds {args.seeds}; "
             "lr chosen by mean dev accuracy; accuracy = rank classification by log-likelihood per option token.")
 
 

@@ -40,7 +40,9 @@ C_INIT_SPREAD = 0.2
 # Learning-rate multiplier of every CP factor relative to the LoRA lr of the config (the C's
 # get adam_pace_scale on top). One A and one B serve every layer and their summed gradient is
 # only partly coherent, so at LoRA's lr CP barely learns (tweet sentiment, q,v, r=64: test 0.463
-# at x1, 0.613 at x4, PEFT LoRA r=8 0.629): bench/RESULTS.md, "Learning quality".
+# at x1, 0.613 at x4, PEFT LoRA r=8 0.629): bench/RESULTS.md, "Learning quality". SmolLM2 learns
+# better still at x8, but tiny random-init models stop learning at x8 (2 layers) or x4 (8 layers):
+# the threshold moves with the model, so x4 stays ("cp's multiplier at 8x and on all-linear targets").
 CP_LR_SCALE = 4.0
 
 
