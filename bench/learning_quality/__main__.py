@@ -84,7 +84,7 @@ def resolve(args) -> argparse.Namespace:
     args.targets = _names(args.targets or ("qv" if quick else "qv,all"), TARGETS, "targets")
     args.mode = args.mode or ("defaults" if quick else "sweep")
     args.seeds = [int(s) for s in (args.seeds or ("0" if quick else "0,1")).split(",")]
-    args.steps = args.steps or (50 if quick else 70)  # quick: 16 runs in ~45 min on 2 idle cores
+    args.steps = args.steps or (50 if quick else 70)  # quick: 16 runs, ~75 min on 2 idle cores (README)
     args.out = os.path.abspath(args.out or (QUICK_OUT if quick else DEFAULT_OUT))
     return args
 
