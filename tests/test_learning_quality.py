@@ -134,3 +134,20 @@ def test_report_only_summary_names_no_single_base_lr():
     only = cli.resolve(cli.build_parser().parse_args(["--quick", "--report-only"]))
     line = cli.settings_line(only)
     assert "base lr" not in line and "every lr the folder's runs used" in line
+
+
+def test_time_estimate_counts_the_tokens_runs_read():
+    """The up-front estimate follows tokens, not rows: a row's options that share one input are
+    read once, and long multi-option rows (intent_recognition) cost what their tokens cost."""
+    from bench.learning_quality import __main__ as cli
+
+    shared = engine.Encoded(options=[[1, 2, 3, 9], [1, 2, 3, 8]], starts=[3, 3], gold=0)  # one input
+    apart = engine.Encoded(options=[[1, 2, 5, 6], [1, 2, 7]], starts=[2, 2], gold=1)  # two inputs
+    assert cli.eval_tokens([shared]) == 3 and cli.eval_tokens([apart]) == 3 + 2
+    splits = {"t": {"train": [shared, apart], "dev": [shared], "test": [apart]}}
+    args = cli.resolve(cli.build_parser().parse_args(["--quick", "--steps", "10", "--batch", "4"]))
+    spec = protocol.RunSpec("t", METHODS["cp-r64"], "qv", 1e-3, 1.0, 0)
+    eval_s = (3 + 5) * cli.EVAL_S_PER_TOKEN
+    train_s = 10 * 4 * (4 + 3) / 2 * cli.TRAIN_S_PER_TOKEN  # mean gold option length 3.5
+    assert cli.estimate_s([spec], splits, args) == pytest.approx(train_s + eval_s + eval_s)  # + zero-shot
+    assert cli.estimate_s([spec, spec], splits, args) == pytest.approx(2 * (train_s + eval_s) + eval_s)

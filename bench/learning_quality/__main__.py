@@ -36,13 +36,14 @@ from .tasks import DEFAULT_TASKS, TASKS, load_task  # noqa: E402
 DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "learning_quality")
 QUICK_OUT = os.path.join(ROOT, "bench", "results", "learning_quality_quick")
 BASE_LR = 5e-4
-# Seconds on 2 idle cores (SmolLM2-135M, prompts < ~100 tokens), for the up-front estimate: one
-# training row (forward + backward + step share) and one evaluated row (all its options).
-# Measured on cores shared with ~2 other busy processes (sports_understanding, 2026-12-01:
-# 1.48 s / train row, 0.2 s / eval row) and divided by the ~4x slowdown that sharing caused
-# on the same evaluation: an estimate, to be re-measured on idle cores.
-STEP_S_PER_ROW = 0.37
-EVAL_S_PER_ROW = 0.05
+# Seconds per token for the up-front estimate, one thread per run (SmolLM2-135M, cp r=64 on q,v;
+# measured 2026-12-02 with two runs side by side on 2 cores, the protocol's usual way): a training
+# step ~14 ms per token of its batch (tweets 13.7, hyperbaton 14.5, social_iqa 14.0,
+# intent_recognition 11.0; all 7 projections ~17), evaluation ~5.5 ms per token it reads
+# (4.9-6.2 over the four tasks). Per row, not per token, was off by 2-3x on intent_recognition,
+# whose rows are long and score 7 options.
+TRAIN_S_PER_TOKEN = 0.014
+EVAL_S_PER_TOKEN = 0.0055
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,10 +104,17 @@ def settings_line(args) -> str:
             "lr chosen by mean dev accuracy; accuracy = rank classification by log-likelihood per option token.")
 
 
+def eval_tokens(rows: list[engine.Encoded]) -> int:
+    """Tokens an evaluation reads: each row's distinct option inputs (``engine.option_scores``)."""
+    return sum(sum(map(len, {tuple(o[:-1]) for o in row.options})) for row in rows)
+
+
 def estimate_s(specs: list[protocol.RunSpec], splits: dict, args) -> float:
-    per_task = {t: len(s["dev"]) + len(s["test"]) for t, s in splits.items()}
-    runs = sum(args.steps * args.batch * STEP_S_PER_ROW + per_task[s.task] * EVAL_S_PER_ROW for s in specs)
-    return runs + sum(per_task.values()) * EVAL_S_PER_ROW  # + zero-shot
+    """Seconds for ``specs`` and the zero-shot evaluations, one run after another at one thread."""
+    eval_s = {t: (eval_tokens(s["dev"]) + eval_tokens(s["test"])) * EVAL_S_PER_TOKEN for t, s in splits.items()}
+    gold_tokens = {t: sum(len(r.options[r.gold]) for r in s["train"]) / len(s["train"]) for t, s in splits.items()}
+    runs = sum(args.steps * args.batch * gold_tokens[s.task] * TRAIN_S_PER_TOKEN + eval_s[s.task] for s in specs)
+    return runs + sum(eval_s.values())
 
 
 def load_base():
@@ -161,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = protocol.grid(args.tasks, [METHODS[m] for m in args.methods], args.targets, args.lr, args.mode, args.seeds)
     todo = [s for s in specs if not os.path.isfile(s.path(args.out))]
     print(f"{len(specs)} runs, {len(specs) - len(todo)} already done; estimated "
-          f"{estimate_s(todo, splits, args) / 60:.0f} min on 2 idle cores -> {args.out}", flush=True)
+          f"{estimate_s(todo, splits, args) / 60:.0f} min at one thread (two such runs side by side on 2 cores: "
+          f"about as long each) -> {args.out}", flush=True)
     for name in args.tasks:
         z = bench.zero_shot(name)
         print(f"  zero-shot {name}: dev {z['dev_acc']:.3f} test {z['test_acc']:.3f}", flush=True)
