@@ -105,8 +105,8 @@ def settings_line(args) -> str:
 
 
 def eval_tokens(rows: list[engine.Encoded]) -> int:
-    """Tokens an evaluation reads: each row's distinct option inputs (``engine.option_scores``)."""
-    return sum(sum(map(len, {tuple(o[:-1]) for o in row.options})) for row in rows)
+    """Tokens an evaluation of ``rows`` reads (``engine.option_scores``)."""
+    return sum(map(len, engine.option_inputs(rows)))
 
 
 def estimate_s(specs: list[protocol.RunSpec], splits: dict, args) -> float:

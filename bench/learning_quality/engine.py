@@ -66,16 +66,21 @@ def option_logits(model: nn.Module, inputs: list[list[int]], keep: int, pad: int
 # --------------------------------------------------------------------------- evaluation
 
 
-def option_scores(model: nn.Module, data: list[Encoded], pad: int, batch_size: int = 32) -> list[list[float]]:
-    """Mean log-probability per token of every option after its prompt.
-
-    The model reads prompt + option without its last token; options that share that input
-    (every one-token option of a prompt) share one forward pass.
-    """
+def option_inputs(data: list[Encoded]) -> dict[tuple[int, ...], list[tuple[int, int]]]:
+    """Every distinct input the model reads to score ``data`` (prompt + option without its last
+    token) -> the (row, option) pairs it scores: options that share an input (every one-token
+    option of a prompt) share one forward pass."""
     wanted: dict[tuple[int, ...], list[tuple[int, int]]] = {}
     for i, row in enumerate(data):
         for j, full in enumerate(row.options):
             wanted.setdefault(tuple(full[:-1]), []).append((i, j))
+    return wanted
+
+
+def option_scores(model: nn.Module, data: list[Encoded], pad: int, batch_size: int = 32) -> list[list[float]]:
+    """Mean log-probability per token of every option after its prompt, one forward pass per
+    distinct input (``option_inputs``)."""
+    wanted = option_inputs(data)
     scores = [[float("-inf")] * len(row.options) for row in data]
     inputs = sorted(wanted, key=len)  # similar lengths together: little padding
     was_training = model.training
