@@ -138,16 +138,86 @@ def test_report_only_summary_names_no_single_base_lr():
 
 def test_time_estimate_counts_the_tokens_runs_read():
     """The up-front estimate follows tokens, not rows: a row's options that share one input are
-    read once, and long multi-option rows (intent_recognition) cost what their tokens cost."""
+    read once, their shared prefix once per row, and long multi-option rows (intent_recognition)
+    cost what their tokens cost."""
     from bench.learning_quality import __main__ as cli
 
     shared = engine.Encoded(options=[[1, 2, 3, 9], [1, 2, 3, 8]], starts=[3, 3], gold=0)  # one input
     apart = engine.Encoded(options=[[1, 2, 5, 6], [1, 2, 7]], starts=[2, 2], gold=1)  # two inputs
-    assert cli.eval_tokens([shared]) == 3 and cli.eval_tokens([apart]) == 3 + 2
+    assert cli.eval_tokens([shared]) == 3 and cli.eval_tokens([apart]) == 1 + 2 + 1  # prefix [1], rests [2, 5], [2]
     splits = {"t": {"train": [shared, apart], "dev": [shared], "test": [apart]}}
     args = cli.resolve(cli.build_parser().parse_args(["--quick", "--steps", "10", "--batch", "4"]))
     spec = protocol.RunSpec("t", METHODS["cp-r64"], "qv", 1e-3, 1.0, 0)
-    eval_s = (3 + 5) * cli.EVAL_S_PER_TOKEN
+    eval_s = (3 + 4) * cli.EVAL_S_PER_TOKEN
     train_s = 10 * 4 * (4 + 3) / 2 * cli.TRAIN_S_PER_TOKEN  # mean gold option length 3.5
     assert cli.estimate_s([spec], splits, args) == pytest.approx(train_s + eval_s + eval_s)  # + zero-shot
     assert cli.estimate_s([spec, spec], splits, args) == pytest.approx(2 * (train_s + eval_s) + eval_s)
+
+
+def test_option_scores_read_each_prompt_once(tiny):
+    """A row's options share its prompt's keys and values: the scores equal each option read
+    alone, and the forwards read exactly the tokens ``option_inputs`` counts (each prompt once,
+    options that share a whole input once), also where an option's first token merges with
+    the prompt's last (its start differs from its siblings')."""
+    model, tok = tiny
+    rows = synthetic_rows(5) + [{"prompt": "The word is: cat", "options": ["s", "alog", " and dog"], "gold": 2},
+                                {"prompt": "Count: one, two,", "options": [" three", " four", " five"], "gold": 0}]
+    data = engine.encode(tok, rows)
+    assert len(set(data[5].starts)) > 1  # "cats" merges across the boundary
+    read = []
+    hook = model.register_forward_pre_hook(
+        lambda mod, a, kw: read.append(int(kw["attention_mask"][:, -kw["input_ids"].shape[1]:].sum())), with_kwargs=True)
+    try:
+        got = engine.option_scores(model, data, _pad(tok), batch_size=4)  # chunks of rows with <= 4 rests
+    finally:
+        hook.remove()
+    assert torch.allclose(torch.tensor(got), torch.tensor(_hand_scores(model, data)), atol=1e-4)
+    reads = engine.option_inputs(data)
+    assert sum(read) == sum(r.tokens() for r in reads)
+    assert sum(read) < sum(len(o) - 1 for row in data for o in row.options) * 0.6  # the prompts dominate
+    assert len(reads[6].rests) == 1 and len(reads[6].prefix) == data[6].starts[0] - 1  # one-token options: one rest
+
+
+def test_rows_whose_option_adds_no_token_are_refused(tiny):
+    _, tok = tiny
+    with pytest.raises(engine.BenchError, match="row 1: option 'y' adds no token"):
+        engine.encode(tok, synthetic_rows(1) + [{"prompt": "x", "options": ["y", "yz"], "gold": 0}])
+
+
+def test_jobs_spread_runs_longest_first_over_least_loaded_workers():
+    from bench.learning_quality import __main__ as cli
+
+    assert cli.shares([5, 1, 4, 2, 3], 2) == [[0, 3, 1], [2, 4]]  # 5+2+1 and 4+3
+    assert cli.shares([1.0], 3) == [[0]]  # no idle workers
+
+
+def test_jobs_run_in_worker_processes_and_match_one_process(tmp_path):
+    """``--jobs 2`` runs the grid in two worker processes (one thread each) with the same
+    results as one process; a results folder of another model is refused in one line."""
+    import subprocess
+
+    from conftest import save_tiny_chat_llama
+
+    model = save_tiny_chat_llama(tmp_path / "tiny-a")
+    args = ["--tasks", "tweet_sentiment", "--methods", "lora-r1,cp-r24", "--targets", "qv", "--mode", "defaults",
+            "--seeds", "0", "--steps", "2", "--batch", "2", "--model", model]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def bench(out, *extra):
+        return subprocess.run([sys.executable, "-m", "bench.learning_quality", *args, "--out", str(out), *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    two, one = bench(tmp_path / "two", "--jobs", "2"), bench(tmp_path / "one", "--jobs", "1")
+    assert two.returncode == 0 and one.returncode == 0, two.stderr[-2000:] + one.stderr[-2000:]
+    assert "worker 1:" in two.stdout and "worker 2:" in two.stdout and "worker 1:" not in one.stdout
+    timing = {"train_s", "total_s"}
+    for path in sorted((tmp_path / "one" / "runs").rglob("*.json")):
+        a, b = json.loads(path.read_text()), json.loads((tmp_path / "two" / path.relative_to(tmp_path / "one")).read_text())
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    assert len(list((tmp_path / "two" / "runs").rglob("*.json"))) == 3  # zero-shot + 2 runs
+    assert (tmp_path / "two" / "summary.md").is_file()
+
+    other = save_tiny_chat_llama(tmp_path / "tiny-b")
+    refused = bench(tmp_path / "two", "--model", other)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "is a run of model 'tiny-a', not 'tiny-b'" in refused.stderr.strip().splitlines()[-1]

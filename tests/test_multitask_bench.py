@@ -187,8 +187,11 @@ def test_trex_and_ttmoe_rows_intuition_experts_router_resume(tiny, tmp_path, mon
         m, groups, params = real_attach(*args, **kwargs)
         trained[args[1].name] = m
         if args[1].kind == "trex":  # per forward: its input ids, then the intuition the first layer reads
-            m.register_forward_pre_hook(lambda mod, a, kw: seen.append([mod.training, kw["input_ids"], None]),
-                                        with_kwargs=True)
+            def record(mod, a, kw):  # a forward after a cached prefix reads the options' rests only
+                cache = kw.get("past_key_values")
+                seen.append([mod.training, kw["input_ids"], None, cache is not None and cache.get_seq_length() > 0])
+
+            m.register_forward_pre_hook(record, with_kwargs=True)
             site = next(layer.adapter for layer in m.tensorft.layers.values())
 
             def read(mod, a):
@@ -214,12 +217,19 @@ def test_trex_and_ttmoe_rows_intuition_experts_router_resume(tiny, tmp_path, mon
     train_calls = [c for c in seen if c[0]]
     eval_calls = [c for c in seen if not c[0]]
     assert len(train_calls) == 4 and eval_calls
-    for training, ids, scores in seen:
+    assert any(rest for *_, rest in eval_calls)  # evaluation read each prompt once, then its options
+    for k, (training, ids, scores, rest) in enumerate(seen):
         assert scores is not None and scores.shape == (ids.shape[0], 4)
+        if rest:  # each option's rest: the intuition of one of the prompts its prefix forward read
+            assert all(any(torch.equal(s, p) for p in seen[k - 1][2]) for s in scores) and not seen[k - 1][3]
+            continue
         for row_ids, s in zip(ids, scores):  # each row's own prompt's intuition (left padding: pad id first)
             text = tok.decode(row_ids.tolist(), skip_special_tokens=True)
-            prompt = next(p for p in by_prompt if text.startswith(p))
-            assert torch.allclose(s, by_prompt[prompt], atol=1e-5)
+            if training:  # prompt + gold option
+                prompts = [p for p in by_prompt if text.startswith(p)]
+            else:  # the prefix the options share: the prompt up to its last token
+                prompts = [p for p in by_prompt if p.startswith(text)]
+            assert prompts and any(torch.allclose(s, by_prompt[p], atol=1e-5) for p in prompts)
     assert trex["params"] == tensorft.count_parameters(trained["trex-2x2"]) > 0
     assert set(trex["test_acc"]) == set(TASKS)
 

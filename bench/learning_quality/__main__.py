@@ -4,6 +4,7 @@ fewer parameters? SmolLM2-135M-Instruct, real multiple-choice tasks that install
     python -m bench.learning_quality --quick [--out DIR]      # 4 tasks x 4 methods, q,v, one lr, 1 seed
     python -m bench.learning_quality [--tasks a,b] [--methods m,n] [--targets qv,all]
         [--mode defaults|sweep] [--seeds 0,1] [--steps N] [--batch B] [--lr LR] [--out DIR]
+        [--model DIR] [--jobs N]
     python -m bench.learning_quality --list                   # tasks, methods and parameter counts
     python -m bench.learning_quality --report-only --out DIR  # summary and plot of what is done
 
@@ -13,12 +14,18 @@ lr with the best mean dev accuracy is chosen and its test mean / std over seeds 
 Writes ``OUT/runs/**.json`` (one per finished run: a rerun skips them), ``OUT/summary.md`` and,
 through ``evaluation/report.py``, ``OUT/report/report.md`` and ``report.png`` (test accuracy
 averaged over tasks vs trainable parameters, one line per kind and targets).
+
+Runs are independent: ``--jobs N`` (default: the usable cores, at most 8) spreads them, longest
+first, over N worker processes of one thread each, which on CPU finish about twice the work of
+one process using two threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -55,7 +62,7 @@ def _names(value: str, known, what: str) -> list[str]:
     names = [v.strip() for v in value.split(",") if v.strip()]
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"tensorft: error: unknown {what} {', '.join(unknown)} (known: {', '.join(known)})")
+        raise protocol.BenchError(f"unknown {what} {', '.join(unknown)} (known: {', '.join(known)})")
     return names
 
 
@@ -74,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results folder (default bench/results/learning_quality[_quick])")
     p.add_argument("--list", action="store_true", help="print tasks and methods with parameter counts, then exit")
     p.add_argument("--report-only", action="store_true", help="only write the summary and plot of finished runs")
+    p.add_argument("--model", default=None,
+                   help="a local Hugging Face causal LM to train on (default: SmolLM2-135M-Instruct from the offline assets)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="worker processes of one thread each (default: the usable cores, at most 8; 1: this process only)")
+    p.add_argument("--worker-share", default=None, help=argparse.SUPPRESS)  # set by --jobs for its workers
     return p
 
 
@@ -87,6 +99,13 @@ def resolve(args) -> argparse.Namespace:
     args.seeds = [int(s) for s in (args.seeds or ("0" if quick else "0,1")).split(",")]
     args.steps = args.steps or (50 if quick else 70)  # quick: 16 runs, ~75 min on 2 idle cores (README)
     args.out = os.path.abspath(args.out or (QUICK_OUT if quick else DEFAULT_OUT))
+    args.jobs = args.jobs if args.jobs is not None else min(8, len(os.sched_getaffinity(0)))
+    if args.jobs < 1:
+        raise protocol.BenchError(f"--jobs {args.jobs}: at least 1")
+    if args.model is not None:
+        args.model = os.path.abspath(args.model)
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise protocol.BenchError(f"--model {args.model}: no config.json there (a local Hugging Face model folder)")
     return args
 
 
@@ -97,8 +116,12 @@ def lr_line(args) -> str:
             f"(x{', x'.join(f'{m:g}' for m in protocol.LR_MULTIPLIERS[args.mode])})")
 
 
+def model_label(args) -> str:
+    return os.path.basename(args.model) if args.model else "SmolLM2-135M-Instruct"
+
+
 def settings_line(args) -> str:
-    return (f"SmolLM2-135M-Instruct fp32; {args.steps} steps of batch {args.batch}, AdamW (weight decay 0), "
+    return (f"{model_label(args)} fp32; {args.steps} steps of batch {args.batch}, AdamW (weight decay 0), "
             f"linear warmup {engine.TrainSettings().warmup} steps then linear decay to 0, grad-norm clip 1.0; "
             f"loss on the gold option's tokens; {lr_line(args)}; seeds {args.seeds}; "
             "lr chosen by mean dev accuracy; accuracy = rank classification by log-likelihood per option token.")
@@ -106,24 +129,75 @@ def settings_line(args) -> str:
 
 def eval_tokens(rows: list[engine.Encoded]) -> int:
     """Tokens an evaluation of ``rows`` reads (``engine.option_scores``)."""
-    return sum(map(len, engine.option_inputs(rows)))
+    return sum(r.tokens() for r in engine.option_inputs(rows))
+
+
+def costs(splits: dict, args):
+    """Estimated seconds at one thread: {task: its zero-shot evaluation}, and run -> seconds."""
+    eval_s = {t: (eval_tokens(s["dev"]) + eval_tokens(s["test"])) * EVAL_S_PER_TOKEN for t, s in splits.items()}
+    gold_tokens = {t: sum(len(r.options[r.gold]) for r in s["train"]) / len(s["train"]) for t, s in splits.items()}
+
+    def run_s(spec: protocol.RunSpec) -> float:
+        return args.steps * args.batch * gold_tokens[spec.task] * TRAIN_S_PER_TOKEN + eval_s[spec.task]
+
+    return eval_s, run_s
 
 
 def estimate_s(specs: list[protocol.RunSpec], splits: dict, args) -> float:
     """Seconds for ``specs`` and the zero-shot evaluations, one run after another at one thread."""
-    eval_s = {t: (eval_tokens(s["dev"]) + eval_tokens(s["test"])) * EVAL_S_PER_TOKEN for t, s in splits.items()}
-    gold_tokens = {t: sum(len(r.options[r.gold]) for r in s["train"]) / len(s["train"]) for t, s in splits.items()}
-    runs = sum(args.steps * args.batch * gold_tokens[s.task] * TRAIN_S_PER_TOKEN + eval_s[s.task] for s in specs)
-    return runs + sum(eval_s.values())
+    eval_s, run_s = costs(splits, args)
+    return sum(map(run_s, specs)) + sum(eval_s.values())
 
 
-def load_base():
+def shares(seconds: list[float], workers: int) -> list[list[int]]:
+    """Indices of ``seconds`` per worker: longest first, each to the least-loaded worker (so a
+    long intent_recognition run starts first, not last); workers left without work dropped."""
+    loads = [0.0] * workers
+    out: list[list[int]] = [[] for _ in range(workers)]
+    for i in sorted(range(len(seconds)), key=lambda i: -seconds[i]):
+        w = min(range(workers), key=loads.__getitem__)
+        out[w].append(i)
+        loads[w] += seconds[i]
+    return [o for o in out if o]
+
+
+def run_workers(argv: list[str], args, work: list[dict], seconds: list[float]) -> int:
+    """Run ``work`` (``{"zero_shot": task}`` or ``{"run": index into the grid}``) in ``args.jobs``
+    processes of this command, one thread each; 0 when all of them succeed. A worker that fails
+    leaves its finished runs written (each atomically): a rerun resumes."""
+    groups = shares(seconds, args.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    procs = []
+    for k, group in enumerate(groups, 1):
+        print(f"worker {k}: {len(group)} item(s), ~{sum(seconds[i] for i in group) / 60:.0f} min", flush=True)
+        share = json.dumps([work[i] for i in group])
+        procs.append(subprocess.Popen([sys.executable, "-m", "bench.learning_quality", *argv, "--out", args.out,
+                                       "--jobs", "1", "--worker-share", share], env=env))
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        print("tensorft: interrupted; finished runs are kept, a rerun resumes", file=sys.stderr)
+        return 130
+    failed = [k for k, code in enumerate(codes, 1) if code != 0]
+    if failed:
+        print(f"tensorft: error: worker(s) {', '.join(map(str, failed))} failed (output above); "
+              "finished runs are kept, a rerun resumes", file=sys.stderr)
+        return 1
+    return 0
+
+
+def load_base(model_dir: str | None = None):
     import tensorft
     from tensorft.loading import load_base_model
     from scripts.demo_assets import smollm2_135m_instruct
     from transformers import AutoTokenizer
 
-    model_dir = smollm2_135m_instruct()  # ~1 min the first time, then cached
+    model_dir = model_dir or smollm2_135m_instruct()  # ~1 min the first time, then cached
     base = load_base_model(tensorft.ModelConfig(name_or_path=model_dir))
     base.eval()
     for p in base.parameters():
@@ -131,15 +205,15 @@ def load_base():
     return base, AutoTokenizer.from_pretrained(model_dir), model_dir
 
 
-def list_methods() -> None:
-    """Every method's trainable-parameter count on each targets set, attached to SmolLM2-135M
-    built on the meta device (shapes only: no weights loaded, no memory used)."""
+def list_methods(model_dir: str | None = None) -> None:
+    """Every method's trainable-parameter count on each targets set, attached to the model
+    (default SmolLM2-135M) built on the meta device (shapes only: no weights loaded)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from scripts.demo_assets import smollm2_135m_instruct
 
-    config = AutoConfig.from_pretrained(smollm2_135m_instruct())
+    config = AutoConfig.from_pretrained(model_dir or smollm2_135m_instruct())
     print("tasks:", ", ".join(TASKS))
     for name, method in METHODS.items():
         counts = []
@@ -151,37 +225,78 @@ def list_methods() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except protocol.BenchError as e:
+        print(f"tensorft: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     args = resolve(build_parser().parse_args(argv))
     if args.report_only:
-        protocol.write_report(args.out, settings_line(args), "SmolLM2-135M-Instruct")
+        protocol.write_report(args.out, settings_line(args), model_label(args))
         return 0
     if args.list:
-        list_methods()
+        list_methods(args.model)
         return 0
     t = time.perf_counter()
-    base, tokenizer, model_dir = load_base()
-    print(f"model: {model_dir} [{time.perf_counter() - t:.0f} s]", flush=True)
+    base, tokenizer, model_dir = load_base(args.model)
     splits = {name: {s: engine.encode(tokenizer, rows) for s, rows in load_task(name).items()} for name in args.tasks}
-    for name, s in splits.items():
-        print(f"task {name}: {', '.join(f'{k} {len(v)}' for k, v in s.items())}")
     bench = protocol.Bench(base, tokenizer, splits, engine.TrainSettings(steps=args.steps, batch=args.batch),
                            args.out, os.path.basename(model_dir), verbose=True)
     specs = protocol.grid(args.tasks, [METHODS[m] for m in args.methods], args.targets, args.lr, args.mode, args.seeds)
-    todo = [s for s in specs if not os.path.isfile(s.path(args.out))]
-    print(f"{len(specs)} runs, {len(specs) - len(todo)} already done; estimated "
-          f"{estimate_s(todo, splits, args) / 60:.0f} min at one thread (two such runs side by side on 2 cores: "
-          f"about as long each) -> {args.out}", flush=True)
-    for name in args.tasks:
-        z = bench.zero_shot(name)
-        print(f"  zero-shot {name}: dev {z['dev_acc']:.3f} test {z['test_acc']:.3f}", flush=True)
-    for i, spec in enumerate(specs, 1):
-        r = bench.run(spec)
-        print(f"  [{i}/{len(specs)}] {spec.task} {spec.method.name}@{spec.targets} lr {spec.lr:g} seed {spec.seed}: "
-              f"params {r['params']:,} dev {r['dev_acc']:.3f} test {r['test_acc']:.3f} "
-              f"loss {r['loss_first']:.2f}->{r['loss_last10']:.2f} [{r['total_s']:.0f} s]", flush=True)
+    if args.worker_share is not None:  # one worker of --jobs: its share only, no summary
+        import torch
+
+        torch.set_num_threads(1)
+        bench.verbose = False  # the workers' step lines would interleave; each run's result line names it
+        for item in json.loads(args.worker_share):
+            if "zero_shot" in item:
+                show_zero_shot(bench, item["zero_shot"])
+            else:
+                show_run(bench, specs[item["run"]], item["run"] + 1, len(specs))
+        return 0
+    print(f"model: {model_dir} [{time.perf_counter() - t:.0f} s]", flush=True)
+    for name, s in splits.items():
+        print(f"task {name}: {', '.join(f'{k} {len(v)}' for k, v in s.items())}")
+    eval_s, run_s = costs(splits, args)
+    work = ([{"zero_shot": t} for t in args.tasks if bench.finished(bench.zero_shot_path(t)) is None]
+            + [{"run": i} for i, s in enumerate(specs) if bench.finished(s.path(args.out)) is None])
+    seconds = [eval_s[w["zero_shot"]] if "zero_shot" in w else run_s(specs[w["run"]]) for w in work]
+    workers = min(args.jobs, len(work))
+    done = f"{len(specs)} runs, {len(specs) + len(args.tasks) - len(work)} of them and the zero-shot evaluations already done"
+    if workers > 1:
+        wall = max(sum(seconds[i] for i in group) for group in shares(seconds, workers))
+        print(f"{done}; estimated {wall / 60:.0f} min in {workers} processes of one thread each "
+              f"({sum(seconds) / 60:.0f} min of work) -> {args.out}", flush=True)
+    else:
+        print(f"{done}; estimated {sum(seconds) / 60:.0f} min at one thread -> {args.out}", flush=True)
+    if workers > 1:
+        del base, bench  # the workers load their own
+        code = run_workers(argv, args, work, seconds)
+        if code:
+            return code
+    else:
+        for name in args.tasks:
+            show_zero_shot(bench, name)
+        for i, spec in enumerate(specs, 1):
+            show_run(bench, spec, i, len(specs))
     protocol.write_report(args.out, settings_line(args), os.path.basename(model_dir))
     print(f"written: {os.path.join(args.out, 'summary.md')}, {os.path.join(args.out, 'report', 'report.png')}")
     return 0
+
+
+def show_zero_shot(bench: protocol.Bench, task: str) -> None:
+    z = bench.zero_shot(task)
+    print(f"  zero-shot {task}: dev {z['dev_acc']:.3f} test {z['test_acc']:.3f}", flush=True)
+
+
+def show_run(bench: protocol.Bench, spec: protocol.RunSpec, i: int, n: int) -> None:
+    r = bench.run(spec)
+    print(f"  [{i}/{n}] {spec.task} {spec.method.name}@{spec.targets} lr {spec.lr:g} seed {spec.seed}: "
+          f"params {r['params']:,} dev {r['dev_acc']:.3f} test {r['test_acc']:.3f} "
+          f"loss {r['loss_first']:.2f}->{r['loss_last10']:.2f} [{r['total_s']:.0f} s]", flush=True)
 
 
 if __name__ == "__main__":

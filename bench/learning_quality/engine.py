@@ -15,6 +15,10 @@ import torch
 import torch.nn as nn
 
 
+class BenchError(Exception):
+    """Bad input (arguments, data rows, a results folder of another model): one line, exit 2."""
+
+
 @dataclass
 class Encoded:
     """A row tokenized once: each option's ids after the prompt and where its tokens start."""
@@ -35,10 +39,13 @@ def encode(tokenizer, rows: list[dict]) -> list[Encoded]:
     """Tokenize prompt and prompt + option; an option's tokens start where the two diverge
     (as trl does for prompt-completion rows), so merges across the boundary are handled."""
     out = []
-    for row in rows:
+    for i, row in enumerate(rows):
         prompt = tokenizer(row["prompt"])["input_ids"]
         fulls = [tokenizer(row["prompt"] + option)["input_ids"] for option in row["options"]]
         starts = [max(1, _common_prefix(prompt, full)) for full in fulls]
+        for option, full, start in zip(row["options"], fulls, starts):
+            if start >= len(full):  # nothing to score: the option merged into the prompt's tokens
+                raise BenchError(f"row {i}: option {option!r} adds no token of its own after the prompt {row['prompt']!r}")
         out.append(Encoded(fulls, starts, row["gold"]))
     return out
 
@@ -66,34 +73,99 @@ def option_logits(model: nn.Module, inputs: list[list[int]], keep: int, pad: int
 # --------------------------------------------------------------------------- evaluation
 
 
-def option_inputs(data: list[Encoded]) -> dict[tuple[int, ...], list[tuple[int, int]]]:
-    """Every distinct input the model reads to score ``data`` (prompt + option without its last
-    token) -> the (row, option) pairs it scores: options that share an input (every one-token
-    option of a prompt) share one forward pass."""
-    wanted: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-    for i, row in enumerate(data):
-        for j, full in enumerate(row.options):
-            wanted.setdefault(tuple(full[:-1]), []).append((i, j))
-    return wanted
+@dataclass
+class Reads:
+    """What scoring one row reads: the prefix its options' inputs share (read once, its keys and
+    values then serve every option), then each distinct rest of an input (prompt + option
+    without its last token) -> the options it scores. Options that share a whole input (every
+    one-token option of a prompt) share one rest."""
+
+    prefix: list[int]
+    rests: dict[tuple[int, ...], list[int]]
+
+    def tokens(self) -> int:
+        return len(self.prefix) + sum(map(len, self.rests))
 
 
-def option_scores(model: nn.Module, data: list[Encoded], pad: int, batch_size: int = 32) -> list[list[float]]:
-    """Mean log-probability per token of every option after its prompt, one forward pass per
-    distinct input (``option_inputs``)."""
-    wanted = option_inputs(data)
+def option_inputs(data: list[Encoded]) -> list[Reads]:
+    """Per row, what ``option_scores`` reads. The prefix stops before the earliest option
+    start's predicting position, so each option's scored positions all lie in its rest."""
+    out = []
+    for row in data:
+        inputs = [full[:-1] for full in row.options]
+        shared = min([min(row.starts) - 1] + [_common_prefix(inputs[0], x) for x in inputs[1:]])
+        rests: dict[tuple[int, ...], list[int]] = {}
+        for j, x in enumerate(inputs):
+            rests.setdefault(tuple(x[shared:]), []).append(j)
+        out.append(Reads(inputs[0][:shared], rests))
+    return out
+
+
+def _chunks(reads: list[Reads], batch_size: int) -> list[list[int]]:
+    """Row indices per forward pair, at most ``batch_size`` rests each (one row may exceed it
+    alone); rows of similar prefix length together (little padding), empty prefixes apart."""
+    order = sorted(range(len(reads)), key=lambda i: (len(reads[i].prefix), max(map(len, reads[i].rests))))
+    chunks: list[list[int]] = []
+    width = 0
+    for i in order:
+        n = len(reads[i].rests)
+        if chunks and width + n <= batch_size and bool(reads[chunks[-1][0]].prefix) == bool(reads[i].prefix):
+            chunks[-1].append(i)
+            width += n
+        else:
+            chunks.append([i])
+            width = n
+    return chunks
+
+
+def _take(inputs: dict[str, torch.Tensor] | None, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: value[index] for name, value in (inputs or {}).items()}
+
+
+def option_scores(model: nn.Module, data: list[Encoded], pad: int, batch_size: int = 32,
+                  row_inputs: dict[str, torch.Tensor] | None = None) -> list[list[float]]:
+    """Mean log-probability per token of every option after its prompt.
+
+    Per chunk of rows: one forward of the rows' shared prefixes (left-padded) fills a key/value
+    cache, whose rows are then repeated for each row's rests (``option_inputs``), read in one
+    right-padded forward after it. A long prompt with many options (intent_recognition: 7) is
+    read once, not once per option. ``row_inputs``: name -> one entry per row of ``data``,
+    passed to both forwards for the rows they hold (routing inputs: ``task_ids``, T-REX's
+    ``intuition``, ttmoe's ``expert_ids``)."""
+    from transformers import DynamicCache
+
+    reads = option_inputs(data)
     scores = [[float("-inf")] * len(row.options) for row in data]
-    inputs = sorted(wanted, key=len)  # similar lengths together: little padding
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for b in range(0, len(inputs), batch_size):
-            batch = inputs[b:b + batch_size]
-            keep = max(len(_target(data[i], j)) for key in batch for i, j in wanted[key])
-            logprobs = torch.log_softmax(option_logits(model, [list(x) for x in batch], keep, pad), dim=-1)
-            for r, key in enumerate(batch):
-                for i, j in wanted[key]:
+        for chunk in _chunks(reads, batch_size):
+            cache, prefix_mask, offsets = None, None, torch.zeros(len(chunk), dtype=torch.long)
+            if reads[chunk[0]].prefix:
+                batch = _left_padded([reads[i].prefix for i in chunk], pad)
+                cache = DynamicCache(config=getattr(model, "config", None))
+                model(**batch, **_take(row_inputs, torch.tensor(chunk)), past_key_values=cache, use_cache=True,
+                      logits_to_keep=1)
+                prefix_mask = batch["attention_mask"]
+                offsets = prefix_mask.sum(-1)
+            owners = [(c, rest, reads[i].rests[rest]) for c, i in enumerate(chunk) for rest in reads[i].rests]
+            index = torch.tensor([c for c, _, _ in owners])
+            width = max(len(rest) for _, rest, _ in owners)
+            ids = torch.tensor([list(rest) + [pad] * (width - len(rest)) for _, rest, _ in owners])
+            mask = torch.tensor([[1] * len(rest) + [0] * (width - len(rest)) for _, rest, _ in owners])
+            positions = offsets[index, None] + torch.arange(width)
+            if cache is not None:
+                cache.reorder_cache(index)  # each row's prefix once per rest that follows it
+                mask = torch.cat([prefix_mask[index], mask], dim=-1)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=cache is not None, **_take(row_inputs, torch.tensor(chunk)[index])).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for r, (c, rest, options) in enumerate(owners):
+                i = chunk[c]
+                for j in options:
                     target = torch.tensor(_target(data[i], j))
-                    picked = logprobs[r, keep - len(target):].gather(1, target[:, None])
+                    first = data[i].starts[j] - 1 - len(reads[i].prefix)
+                    picked = logprobs[r, first:first + len(target)].gather(1, target[:, None])
                     scores[i][j] = picked.mean().item()
     model.train(was_training)
     return scores
@@ -105,8 +177,8 @@ def accuracy(scores: list[list[float]], data: list[Encoded]) -> float:
     return hits / len(data)
 
 
-def evaluate(model: nn.Module, data: list[Encoded], pad: int) -> float:
-    return accuracy(option_scores(model, data, pad), data)
+def evaluate(model: nn.Module, data: list[Encoded], pad: int, row_inputs: dict[str, torch.Tensor] | None = None) -> float:
+    return accuracy(option_scores(model, data, pad, row_inputs=row_inputs), data)
 
 
 # --------------------------------------------------------------------------- training

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from . import engine
+from .engine import BenchError  # noqa: F401  (the benchmarks' CLIs catch it from here)
 from .methods import TARGETS, Method, attach
 
 LR_MULTIPLIERS = {"defaults": (1.0,), "sweep": (0.25, 1.0, 4.0)}
@@ -73,11 +74,24 @@ class Bench:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id or 0
 
+    def zero_shot_path(self, task: str) -> str:
+        return os.path.join(self.out, "runs", task, "zero-shot.json")
+
+    def finished(self, path: str) -> dict | None:
+        """The run written at ``path``, if any; one of another model is refused, not mixed in."""
+        if not os.path.isfile(path):
+            return None
+        result = read_json(path)
+        if self.model_name and result.get("model", self.model_name) != self.model_name:
+            raise BenchError(f"{path} is a run of model {result['model']!r}, not {self.model_name!r}: "
+                             "give each model its own --out")
+        return result
+
     def zero_shot(self, task: str) -> dict:
         """The base model's dev / test accuracy, computed once per task."""
-        path = os.path.join(self.out, "runs", task, "zero-shot.json")
-        if os.path.isfile(path):
-            return read_json(path)
+        path = self.zero_shot_path(task)
+        if (done := self.finished(path)) is not None:
+            return done
         result = {"task": task, "method": "zero-shot", "kind": "none", "params": 0, "model": self.model_name,
                   **{f"{s}_acc": engine.evaluate(self.base, self.splits[task][s], self.pad) for s in ("dev", "test")}}
         write_json(path, result)
@@ -86,8 +100,8 @@ class Bench:
     def run(self, spec: RunSpec) -> dict:
         """Train one adapter on a fresh copy of the base and evaluate it; skipped when done."""
         path = spec.path(self.out)
-        if os.path.isfile(path):
-            return read_json(path)
+        if (done := self.finished(path)) is not None:
+            return done
         start = time.perf_counter()
         model, groups, params = attach(engine.fresh_copy(self.base), spec.method, TARGETS[spec.targets],
                                        spec.lr, spec.seed)

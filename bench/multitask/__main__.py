@@ -93,7 +93,7 @@ def resolve(args) -> argparse.Namespace:
     quick = args.quick
     args.tasks = _names(args.tasks or ",".join(DEFAULT_TASKS), TASKS, "task")
     if len(args.tasks) < 2:
-        raise SystemExit("tensorft: error: --tasks: a mixture needs at least 2 tasks")
+        raise protocol.BenchError("--tasks: a mixture needs at least 2 tasks")
     args.methods = _names(args.methods or ",".join(core.METHODS), core.METHODS, "method")
     args.targets = _names(args.targets, TARGETS, "targets")
     args.mode = args.mode or ("defaults" if quick else "sweep")
@@ -163,6 +163,14 @@ def list_methods(tasks: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except (protocol.BenchError, core.SetupMismatch) as e:
+        print(f"tensorft: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     args = resolve(build_parser().parse_args(argv))
     if args.report_only:
         results = core.read_results(args.out)
@@ -197,21 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(specs)} runs + zero-shot, {len(specs) - len(todo)} already done; estimated "
           f"{estimate_s(todo, splits, args) / 60:.0f} min on 2 cores shared with ~3 busy jobs -> {args.out}", flush=True)
     start = time.perf_counter()
-    try:
-        z = bench.zero_shot()
-        print(f"  zero-shot: test {' '.join(f'{t} {a:.3f}' for t, a in z['test_acc'].items())}", flush=True)
-        for i, spec in enumerate(specs, 1):
-            r = bench.run(spec)
-            loss = (f"router CE {r['router_loss_first']:.2f}->{r['router_loss_last10']:.2f}, router test accuracy "
-                    f"{r['router_test_accuracy']:.3f}" if r["kind"] == "ttmoe" else
-                    f"loss {r['loss_first']:.2f}->{r['loss_last10']:.2f}")
-            print(f"  [{i}/{len(specs)}] {spec.method.name}@{spec.targets} lr {spec.lr:g} seed {spec.seed}: "
-                  f"params {r['params']:,} test mean {r['test_mean']:.3f} "
-                  f"({' '.join(f'{t} {a:.3f}' for t, a in r['test_acc'].items())}) "
-                  f"{loss} [{r['total_s']:.0f} s]", flush=True)
-    except core.SetupMismatch as e:
-        print(f"tensorft: error: {e}", file=sys.stderr)
-        return 2
+    z = bench.zero_shot()
+    print(f"  zero-shot: test {' '.join(f'{t} {a:.3f}' for t, a in z['test_acc'].items())}", flush=True)
+    for i, spec in enumerate(specs, 1):
+        r = bench.run(spec)
+        loss = (f"router CE {r['router_loss_first']:.2f}->{r['router_loss_last10']:.2f}, router test accuracy "
+                f"{r['router_test_accuracy']:.3f}" if r["kind"] == "ttmoe" else
+                f"loss {r['loss_first']:.2f}->{r['loss_last10']:.2f}")
+        print(f"  [{i}/{len(specs)}] {spec.method.name}@{spec.targets} lr {spec.lr:g} seed {spec.seed}: "
+              f"params {r['params']:,} test mean {r['test_mean']:.3f} "
+              f"({' '.join(f'{t} {a:.3f}' for t, a in r['test_acc'].items())}) "
+              f"{loss} [{r['total_s']:.0f} s]", flush=True)
     core.write_report(args.out, settings_line(args, bench.setup(), {t: len(s['train']) for t, s in splits.items()}))
     print(f"done in {(time.perf_counter() - start) / 60:.1f} min; written: {os.path.join(args.out, 'summary.md')}, "
           f"{os.path.join(args.out, 'report.png')}")

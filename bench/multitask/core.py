@@ -153,9 +153,9 @@ def mixture(train: dict[str, list[engine.Encoded]], mixing: str = "proportional"
 class RowInputs(nn.Module):
     """``model`` called with per-row routing inputs, looked up from each row's tokens.
 
-    ``engine.train`` / ``engine.option_scores`` build batches from row indices they never pass
-    on; a row's input tokens (prompt + option, less its last token) identify it. ``keys[i]``:
-    the inputs of row i (training: its gold option's; evaluation: every option's); ``inputs``:
+    ``engine.train`` builds batches from row indices it never passes on; a row's input tokens
+    (prompt + gold option, less its last token) identify it (evaluation takes the per-row inputs
+    itself: ``engine.option_scores(row_inputs=)``). ``keys[i]``: the inputs of row i; ``inputs``:
     name -> tensor with one entry per row (``task_ids``, ``intuition``, ``expert_ids``). An
     input that two rows with different routing inputs share would be ambiguous and is refused."""
 
@@ -182,10 +182,6 @@ def gold_keys(rows: list[engine.Encoded]) -> list[list[tuple[int, ...]]]:
     return [[tuple(r.options[r.gold][:-1])] for r in rows]
 
 
-def option_keys(rows: list[engine.Encoded]) -> list[list[tuple[int, ...]]]:
-    return [[tuple(o[:-1]) for o in r.options] for r in rows]
-
-
 class RowRouted(RowInputs):
     """``model`` called with one task id per row (and any ``inputs``, one per row), looked up
     from the row's training input (prompt + gold option, less its last token). An input that
@@ -209,12 +205,12 @@ def evaluate_tasks(model: nn.Module, data: dict[str, list[engine.Encoded]], pad:
 
     out = {}
     for name, rows in data.items():
-        scored = model if row_inputs is None else RowInputs(model, option_keys(rows), row_inputs(name, rows))
+        inputs = None if row_inputs is None else row_inputs(name, rows)
         if task_ids is None:
-            out[name] = engine.evaluate(scored, rows, pad)
+            out[name] = engine.evaluate(model, rows, pad, inputs)
         else:
             with tensorft.task_context(model, torch.tensor([task_ids[name]])):
-                out[name] = engine.evaluate(scored, rows, pad)
+                out[name] = engine.evaluate(model, rows, pad, inputs)
     return out
 
 
