@@ -221,3 +221,29 @@ def test_jobs_run_in_worker_processes_and_match_one_process(tmp_path):
     refused = bench(tmp_path / "two", "--model", other)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "is a run of model 'tiny-a', not 'tiny-b'" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_ctrl_c_stops_every_worker_with_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's whole process group) while workers run: the parent stops
+    them, says so in one line and exits 130; no worker prints a traceback or outlives it."""
+    import signal
+    import subprocess
+
+    from conftest import save_tiny_chat_llama
+
+    model = save_tiny_chat_llama(tmp_path / "tiny")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.learning_quality", "--tasks", "tweet_sentiment", "--methods", "lora-r1,cp-r24",
+         "--targets", "qv", "--mode", "defaults", "--seeds", "0", "--steps", "5000", "--model", model,
+         "--out", str(tmp_path / "out"), "--jobs", "2"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    for line in proc.stdout:  # the workers are started
+        if line.startswith("worker 2:"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "tensorft: interrupted; finished runs are kept, a rerun resumes"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # nothing of the group is left

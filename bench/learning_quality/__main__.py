@@ -16,8 +16,9 @@ through ``evaluation/report.py``, ``OUT/report/report.md`` and ``report.png`` (t
 averaged over tasks vs trainable parameters, one line per kind and targets).
 
 Runs are independent: ``--jobs N`` (default: the usable cores, at most 8) spreads them, longest
-first, over N worker processes of one thread each, which on CPU finish about twice the work of
-one process using two threads.
+first, over N worker processes of one thread each (a run's small matrices use one core well;
+on 2 cores the quick protocol took 39 min so, 2026-12-02). Ctrl-C stops them all; finished runs
+are kept.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,14 +45,13 @@ from .tasks import DEFAULT_TASKS, TASKS, load_task  # noqa: E402
 DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "learning_quality")
 QUICK_OUT = os.path.join(ROOT, "bench", "results", "learning_quality_quick")
 BASE_LR = 5e-4
-# Seconds per token for the up-front estimate, one thread per run (SmolLM2-135M, cp r=64 on q,v;
-# measured 2026-12-02 with two runs side by side on 2 cores, the protocol's usual way): a training
-# step ~14 ms per token of its batch (tweets 13.7, hyperbaton 14.5, social_iqa 14.0,
-# intent_recognition 11.0; all 7 projections ~17), evaluation ~5.5 ms per token it reads
-# (4.9-6.2 over the four tasks). Per row, not per token, was off by 2-3x on intent_recognition,
-# whose rows are long and score 7 options.
-TRAIN_S_PER_TOKEN = 0.014
-EVAL_S_PER_TOKEN = 0.0055
+# Seconds per token for the up-front estimate, one thread per run (SmolLM2-135M, q,v; the medians
+# of the --quick run of 2026-12-02 06:05 UTC, two one-thread workers on 2 idle cores): a training
+# step ~11 ms per token of its batch (tweets 11.2, hyperbaton 11.9, social_iqa 11.4,
+# intent_recognition 9.2; all 7 projections ~1.2x), evaluation ~5 ms per token it reads
+# (4.4-6.3 over the four tasks; ``Reads.tokens``: each prompt once, then its options' rests).
+TRAIN_S_PER_TOKEN = 0.011
+EVAL_S_PER_TOKEN = 0.005
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +69,7 @@ def _names(value: str, known, what: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m bench.learning_quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the subset that runs in well under an hour")
+    p.add_argument("--quick", action="store_true", help="4 tasks x 4 methods, q,v, one lr, 1 seed: ~40 min on 2 cores")
     p.add_argument("--tasks", default=None, help=f"comma-separated (default {','.join(DEFAULT_TASKS)})")
     p.add_argument("--methods", default=None, help="comma-separated method names (--list shows them)")
     p.add_argument("--targets", default=None, help="qv, all or qv,all (default: qv with --quick, else both)")
@@ -97,7 +98,7 @@ def resolve(args) -> argparse.Namespace:
     args.targets = _names(args.targets or ("qv" if quick else "qv,all"), TARGETS, "targets")
     args.mode = args.mode or ("defaults" if quick else "sweep")
     args.seeds = [int(s) for s in (args.seeds or ("0" if quick else "0,1")).split(",")]
-    args.steps = args.steps or (50 if quick else 70)  # quick: 16 runs, ~75 min on 2 idle cores (README)
+    args.steps = args.steps or (50 if quick else 70)  # quick: 16 runs, ~40 min on 2 idle cores (README)
     args.out = os.path.abspath(args.out or (QUICK_OUT if quick else DEFAULT_OUT))
     args.jobs = args.jobs if args.jobs is not None else min(8, len(os.sched_getaffinity(0)))
     if args.jobs < 1:
@@ -169,20 +170,21 @@ def run_workers(argv: list[str], args, work: list[dict], seconds: list[float]) -
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     procs = []
-    for k, group in enumerate(groups, 1):
-        print(f"worker {k}: {len(group)} item(s), ~{sum(seconds[i] for i in group) / 60:.0f} min", flush=True)
-        share = json.dumps([work[i] for i in group])
-        procs.append(subprocess.Popen([sys.executable, "-m", "bench.learning_quality", *argv, "--out", args.out,
-                                       "--jobs", "1", "--worker-share", share], env=env))
     try:
+        for k, group in enumerate(groups, 1):
+            print(f"worker {k}: {len(group)} item(s), ~{sum(seconds[i] for i in group) / 60:.0f} min", flush=True)
+            share = json.dumps([work[i] for i in group])
+            # Workers ignore the terminal's Ctrl-C (no traceback from each); this process stops them.
+            procs.append(subprocess.Popen([sys.executable, "-m", "bench.learning_quality", *argv, "--out", args.out,
+                                           "--jobs", "1", "--worker-share", share], env=env,
+                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)))
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait()
-        print("tensorft: interrupted; finished runs are kept, a rerun resumes", file=sys.stderr)
-        return 130
+        raise
     failed = [k for k, code in enumerate(codes, 1) if code != 0]
     if failed:
         print(f"tensorft: error: worker(s) {', '.join(map(str, failed))} failed (output above); "
@@ -225,11 +227,15 @@ def list_methods(model_dir: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return _main(sys.argv[1:] if argv is None else argv)
+        return _main(argv)
     except protocol.BenchError as e:
         print(f"tensorft: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tensorft: interrupted; finished runs are kept, a rerun resumes", file=sys.stderr)
+        return 130
 
 
 def _main(argv: list[str]) -> int:
@@ -265,7 +271,8 @@ def _main(argv: list[str]) -> int:
             + [{"run": i} for i, s in enumerate(specs) if bench.finished(s.path(args.out)) is None])
     seconds = [eval_s[w["zero_shot"]] if "zero_shot" in w else run_s(specs[w["run"]]) for w in work]
     workers = min(args.jobs, len(work))
-    done = f"{len(specs)} runs, {len(specs) + len(args.tasks) - len(work)} of them and the zero-shot evaluations already done"
+    done = (f"{len(specs)} runs and {len(args.tasks)} zero-shot evaluations, "
+            f"{len(specs) + len(args.tasks) - len(work)} of them already done")
     if workers > 1:
         wall = max(sum(seconds[i] for i in group) for group in shares(seconds, workers))
         print(f"{done}; estimated {wall / 60:.0f} min in {workers} processes of one thread each "

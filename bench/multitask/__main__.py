@@ -60,6 +60,8 @@ STEP_S = {"lora": 7.6, "poly": 12.1, "mhr": 12.2, "tlora": 8.1, "tensorpoly1": 1
           "trex": 10.0, "tt": 7.5}  # trex, tt: guesses before their first run
 ROUTER_STEP_S = 2.0  # a ttmoe stage-2 step: one no-grad base pass over 8 prompts (guess)
 EVAL_S_PER_ROW = 1.3  # intent_recognition / arithmetic rows score 7 options: ~7 forwards
+# (before 2026-12-02's evaluation change: a row's options now share its prompt's cached keys and
+# values, which reads 1-5x fewer tokens, so this overestimates evaluation until re-measured)
 # --quick: sized from a first 3-step measurement to ~25 min (it estimated 27); under the load
 # of the actual run it took 39 min (the constants above, measured in it, now estimate ~40).
 # 20 steps and 12 test rows per task are small: it checks the pipeline and shows gross
