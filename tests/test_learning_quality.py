@@ -150,8 +150,8 @@ def test_time_estimate_counts_the_tokens_runs_read():
     spec = protocol.RunSpec("t", METHODS["cp-r64"], "qv", 1e-3, 1.0, 0)
     eval_s = (3 + 4) * cli.EVAL_S_PER_TOKEN
     train_s = 10 * 4 * (4 + 3) / 2 * cli.TRAIN_S_PER_TOKEN  # mean gold option length 3.5
-    assert cli.estimate_s([spec], splits, args) == pytest.approx(train_s + eval_s + eval_s)  # + zero-shot
-    assert cli.estimate_s([spec, spec], splits, args) == pytest.approx(2 * (train_s + eval_s) + eval_s)
+    zero_shot_s, run_s = cli.costs(splits, args)
+    assert zero_shot_s == {"t": pytest.approx(eval_s)} and run_s(spec) == pytest.approx(train_s + eval_s)
 
 
 def test_option_scores_read_each_prompt_once(tiny):

@@ -144,12 +144,6 @@ def costs(splits: dict, args):
     return eval_s, run_s
 
 
-def estimate_s(specs: list[protocol.RunSpec], splits: dict, args) -> float:
-    """Seconds for ``specs`` and the zero-shot evaluations, one run after another at one thread."""
-    eval_s, run_s = costs(splits, args)
-    return sum(map(run_s, specs)) + sum(eval_s.values())
-
-
 def shares(seconds: list[float], workers: int) -> list[list[int]]:
     """Indices of ``seconds`` per worker: longest first, each to the least-loaded worker (so a
     long intent_recognition run starts first, not last); workers left without work dropped."""
@@ -162,18 +156,18 @@ def shares(seconds: list[float], workers: int) -> list[list[int]]:
     return [o for o in out if o]
 
 
-def run_workers(argv: list[str], args, work: list[dict], seconds: list[float]) -> int:
-    """Run ``work`` (``{"zero_shot": task}`` or ``{"run": index into the grid}``) in ``args.jobs``
-    processes of this command, one thread each; 0 when all of them succeed. A worker that fails
-    leaves its finished runs written (each atomically): a rerun resumes."""
-    groups = shares(seconds, args.jobs)
+def run_workers(argv: list[str], args, shares_of: list[list[dict]], seconds_of: list[float]) -> int:
+    """Run each worker's share (``{"zero_shot": task}`` or ``{"run": index into the grid}`` items,
+    estimated ``seconds_of`` each) in a process of this command, one thread each; 0 when all of
+    them succeed. A worker that fails leaves its finished runs written (each atomically): a rerun
+    resumes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     procs = []
     try:
-        for k, group in enumerate(groups, 1):
-            print(f"worker {k}: {len(group)} item(s), ~{sum(seconds[i] for i in group) / 60:.0f} min", flush=True)
-            share = json.dumps([work[i] for i in group])
+        for k, (items, seconds) in enumerate(zip(shares_of, seconds_of), 1):
+            print(f"worker {k}: {len(items)} item(s), ~{seconds / 60:.0f} min", flush=True)
+            share = json.dumps(items)
             # Workers ignore the terminal's Ctrl-C (no traceback from each); this process stops them.
             procs.append(subprocess.Popen([sys.executable, "-m", "bench.learning_quality", *argv, "--out", args.out,
                                            "--jobs", "1", "--worker-share", share], env=env,
@@ -193,18 +187,29 @@ def run_workers(argv: list[str], args, work: list[dict], seconds: list[float]) -
     return 0
 
 
-def load_base(model_dir: str | None = None):
+def model_path(model_dir: str | None = None) -> str:
+    from scripts.demo_assets import smollm2_135m_instruct
+
+    return model_dir or smollm2_135m_instruct()  # ~1 min the first time, then cached
+
+
+def load_model(model_dir: str):
+    """The frozen base model, in eval mode."""
     import tensorft
     from tensorft.loading import load_base_model
-    from scripts.demo_assets import smollm2_135m_instruct
-    from transformers import AutoTokenizer
 
-    model_dir = model_dir or smollm2_135m_instruct()  # ~1 min the first time, then cached
     base = load_base_model(tensorft.ModelConfig(name_or_path=model_dir))
     base.eval()
     for p in base.parameters():
         p.requires_grad_(False)
-    return base, AutoTokenizer.from_pretrained(model_dir), model_dir
+    return base
+
+
+def load_base(model_dir: str | None = None):
+    from transformers import AutoTokenizer
+
+    model_dir = model_path(model_dir)
+    return load_model(model_dir), AutoTokenizer.from_pretrained(model_dir), model_dir
 
 
 def list_methods(model_dir: str | None = None) -> None:
@@ -246,16 +251,20 @@ def _main(argv: list[str]) -> int:
     if args.list:
         list_methods(args.model)
         return 0
-    t = time.perf_counter()
-    base, tokenizer, model_dir = load_base(args.model)
+    from transformers import AutoTokenizer
+
+    model_dir = model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     splits = {name: {s: engine.encode(tokenizer, rows) for s, rows in load_task(name).items()} for name in args.tasks}
-    bench = protocol.Bench(base, tokenizer, splits, engine.TrainSettings(steps=args.steps, batch=args.batch),
+    # The weights are loaded where runs train (this process, or each worker), not in a parent of workers.
+    bench = protocol.Bench(None, tokenizer, splits, engine.TrainSettings(steps=args.steps, batch=args.batch),
                            args.out, os.path.basename(model_dir), verbose=True)
     specs = protocol.grid(args.tasks, [METHODS[m] for m in args.methods], args.targets, args.lr, args.mode, args.seeds)
     if args.worker_share is not None:  # one worker of --jobs: its share only, no summary
         import torch
 
         torch.set_num_threads(1)
+        bench.base = load_model(model_dir)
         bench.verbose = False  # the workers' step lines would interleave; each run's result line names it
         for item in json.loads(args.worker_share):
             if "zero_shot" in item:
@@ -263,28 +272,28 @@ def _main(argv: list[str]) -> int:
             else:
                 show_run(bench, specs[item["run"]], item["run"] + 1, len(specs))
         return 0
-    print(f"model: {model_dir} [{time.perf_counter() - t:.0f} s]", flush=True)
     for name, s in splits.items():
         print(f"task {name}: {', '.join(f'{k} {len(v)}' for k, v in s.items())}")
     eval_s, run_s = costs(splits, args)
     work = ([{"zero_shot": t} for t in args.tasks if bench.finished(bench.zero_shot_path(t)) is None]
             + [{"run": i} for i, s in enumerate(specs) if bench.finished(s.path(args.out)) is None])
     seconds = [eval_s[w["zero_shot"]] if "zero_shot" in w else run_s(specs[w["run"]]) for w in work]
-    workers = min(args.jobs, len(work))
+    groups = shares(seconds, min(args.jobs, len(work))) if work else []
     done = (f"{len(specs)} runs and {len(args.tasks)} zero-shot evaluations, "
             f"{len(specs) + len(args.tasks) - len(work)} of them already done")
-    if workers > 1:
-        wall = max(sum(seconds[i] for i in group) for group in shares(seconds, workers))
-        print(f"{done}; estimated {wall / 60:.0f} min in {workers} processes of one thread each "
+    if len(groups) > 1:
+        wall = max(sum(seconds[i] for i in group) for group in groups)
+        print(f"{done}; estimated {wall / 60:.0f} min in {len(groups)} processes of one thread each "
               f"({sum(seconds) / 60:.0f} min of work) -> {args.out}", flush=True)
-    else:
-        print(f"{done}; estimated {sum(seconds) / 60:.0f} min at one thread -> {args.out}", flush=True)
-    if workers > 1:
-        del base, bench  # the workers load their own
-        code = run_workers(argv, args, work, seconds)
+        code = run_workers(argv, args, [[work[i] for i in group] for group in groups],
+                           [sum(seconds[i] for i in group) for group in groups])
         if code:
             return code
     else:
+        print(f"{done}; estimated {sum(seconds) / 60:.0f} min at one thread -> {args.out}", flush=True)
+        t = time.perf_counter()
+        bench.base = load_model(model_dir)
+        print(f"model: {model_dir} [{time.perf_counter() - t:.0f} s]", flush=True)
         for name in args.tasks:
             show_zero_shot(bench, name)
         for i, spec in enumerate(specs, 1):
