@@ -1,6 +1,7 @@
 """bench/learning_quality: the harness end to end on a tiny Llama (SmolLM2's tokenizer) and a
 tiny synthetic multiple-choice task; scores and losses checked against plain unpadded forwards."""
 
+import copy
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.learning_quality import engine, protocol, tasks  # noqa: E402
+from bench.learning_quality import methods as methods_module  # noqa: E402
 from bench.learning_quality.methods import METHODS  # noqa: E402
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
@@ -112,6 +114,11 @@ def test_bench_end_to_end_resume_and_report(tiny, tmp_path, monkeypatch):
         assert r["params"] > 0 and 0 <= r["dev_acc"] <= 1 and 0 <= r["test_acc"] <= 1 and r["steps"] == 3
         assert r["method"] == spec.method.name and r["lr"] == 1e-3
     assert results[0]["params"] == 2 * ((64 + 64) + (64 + 32))  # PEFT LoRA r=1 on q (64->64), v (64->32), 2 layers
+    # the lrs the optimizer started from (the schedule decays them to 0 by the end): PEFT's one,
+    # cp's two (A and B; the C's at A's pace) at the kind's shipped multipliers
+    assert results[0]["group_lrs"] == [1e-3]
+    cp_groups = methods_module.attach(copy.deepcopy(model), METHODS["cp-r24"], ["q_proj", "v_proj"], 1e-3, 0)[1]
+    assert results[1]["group_lrs"] == sorted(float(f"{g['lr']:.6g}") for g in cp_groups) and len(cp_groups) == 2
 
     monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
     assert [bench.run(spec) for spec in specs] == results
@@ -120,6 +127,7 @@ def test_bench_end_to_end_resume_and_report(tiny, tmp_path, monkeypatch):
     assert {s.method for s in selected} == {"peft-lora-r1", "cp-r24", "zero-shot"}
     summary = open(os.path.join(out, "summary.md")).read()
     assert "peft-lora-r1" in summary and "zero-shot" in summary
+    assert "Seeds the folder's runs used: 0;" in summary  # what it holds, not what a run asked for
     assert os.path.getsize(os.path.join(out, "report", "report.png")) > 0
     assert "cp (qv)" in open(os.path.join(out, "report", "report.md")).read()
 
@@ -223,9 +231,12 @@ def test_jobs_run_in_worker_processes_and_match_one_process(tmp_path):
     assert "is a run of model 'tiny-a', not 'tiny-b'" in refused.stderr.strip().splitlines()[-1]
 
 
-def test_ctrl_c_stops_every_worker_with_one_line(tmp_path):
-    """Ctrl-C (SIGINT to the terminal's whole process group) while workers run: the parent stops
-    them, says so in one line and exits 130; no worker prints a traceback or outlives it."""
+@pytest.mark.parametrize("after", ["worker 1:", "worker 2:"])
+def test_ctrl_c_stops_every_worker_with_one_line(tmp_path, after):
+    """Ctrl-C (SIGINT to the terminal's whole process group) while workers start: the parent stops
+    them, says so in one line and exits 130; no worker prints a traceback or outlives it (before
+    Ctrl-C was held back during the start, one landing between a worker's fork and its SIG_IGN
+    left that worker running: 2 of 6 tries at "worker 1:")."""
     import signal
     import subprocess
 
@@ -238,8 +249,8 @@ def test_ctrl_c_stops_every_worker_with_one_line(tmp_path):
          "--out", str(tmp_path / "out"), "--jobs", "2"],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True)
-    for line in proc.stdout:  # the workers are started
-        if line.startswith("worker 2:"):
+    for line in proc.stdout:  # printed just before that worker is started
+        if line.startswith(after):
             break
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)

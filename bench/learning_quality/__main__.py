@@ -124,7 +124,7 @@ def model_label(args) -> str:
 def settings_line(args) -> str:
     return (f"{model_label(args)} fp32; {args.steps} steps of batch {args.batch}, AdamW (weight decay 0), "
             f"linear warmup {engine.TrainSettings().warmup} steps then linear decay to 0, grad-norm clip 1.0; "
-            f"loss on the gold option's tokens; {lr_line(args)}; seeds {args.seeds}; "
+            f"loss on the gold option's tokens; {lr_line(args)}; "
             "lr chosen by mean dev accuracy; accuracy = rank classification by log-likelihood per option token.")
 
 
@@ -156,6 +156,12 @@ def shares(seconds: list[float], workers: int) -> list[list[int]]:
     return [o for o in out if o]
 
 
+def _ignore_ctrl_c() -> None:
+    """In a forked worker before exec: ignore SIGINT (a pending one is discarded), then let it in."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def run_workers(argv: list[str], args, shares_of: list[list[dict]], seconds_of: list[float]) -> int:
     """Run each worker's share (``{"zero_shot": task}`` or ``{"run": index into the grid}`` items,
     estimated ``seconds_of`` each) in a process of this command, one thread each; 0 when all of
@@ -165,13 +171,19 @@ def run_workers(argv: list[str], args, shares_of: list[list[dict]], seconds_of: 
            "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     procs = []
     try:
-        for k, (items, seconds) in enumerate(zip(shares_of, seconds_of), 1):
-            print(f"worker {k}: {len(items)} item(s), ~{seconds / 60:.0f} min", flush=True)
-            share = json.dumps(items)
-            # Workers ignore the terminal's Ctrl-C (no traceback from each); this process stops them.
-            procs.append(subprocess.Popen([sys.executable, "-m", "bench.learning_quality", *argv, "--out", args.out,
-                                           "--jobs", "1", "--worker-share", share], env=env,
-                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)))
+        # Workers ignore the terminal's Ctrl-C (no traceback from each); this process stops them.
+        # Ctrl-C is held back until every worker is started and listed in ``procs``: one arriving
+        # between a fork and its SIG_IGN would hit a half-started worker nobody stops.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for k, (items, seconds) in enumerate(zip(shares_of, seconds_of), 1):
+                print(f"worker {k}: {len(items)} item(s), ~{seconds / 60:.0f} min", flush=True)
+                share = json.dumps(items)
+                procs.append(subprocess.Popen([sys.executable, "-m", "bench.learning_quality", *argv,
+                                               "--out", args.out, "--jobs", "1", "--worker-share", share],
+                                              env=env, preexec_fn=_ignore_ctrl_c))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a held-back Ctrl-C lands here
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
         for p in procs:

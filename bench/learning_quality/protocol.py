@@ -105,6 +105,9 @@ class Bench:
         start = time.perf_counter()
         model, groups, params = attach(engine.fresh_copy(self.base), spec.method, TARGETS[spec.targets],
                                        spec.lr, spec.seed)
+        # what the optimizer gives each factor group: the kind's shipped multipliers on top of
+        # ``lr`` (read before training: the schedule decays the groups' lr in place)
+        group_lrs = sorted({float(f"{g['lr']:.6g}") for g in groups})
         data = self.splits[spec.task]
         losses = engine.train(model, groups, data["train"], self.settings, spec.seed, self.pad,
                               self._progress(start) if self.verbose else None)
@@ -113,6 +116,7 @@ class Bench:
             "task": spec.task, "method": spec.method.name, "family": spec.method.family,
             "kind": spec.method.label, "rank": spec.method.rank, "targets": spec.targets,
             "lr": spec.lr, "lr_multiplier": spec.lr_multiplier, "seed": spec.seed, "params": params,
+            "group_lrs": group_lrs,  # runs are cached by lr: a later change of the defaults shows here
             "steps": self.settings.steps, "batch": self.settings.batch, "warmup": self.settings.warmup,
             "model": self.model_name,
             "dev_acc": engine.evaluate(model, data["dev"], self.pad),
@@ -238,6 +242,10 @@ def write_report(out: str, settings: str, model_name: str) -> list[Selected]:
     if not results:
         return []
     selected = select(results)
+    # the folder may hold more seeds than this invocation ran: name the ones summarised
+    seeds = sorted({r["seed"] for r in results if "seed" in r})
+    settings += (f" Seeds the folder's runs used: {', '.join(map(str, seeds))}; a cell shows mean ± std over "
+                 "the seeds it holds, a bare number is one seed.")
     write_text(os.path.join(out, "summary.md"), summary_markdown(selected, settings))
     files = report_inputs(selected, out, model_name)
     report.main([*files, "--out", os.path.join(out, "report"), "--metric", "acc",

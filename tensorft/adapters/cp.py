@@ -37,13 +37,26 @@ from .base import AdapterKind, AdapterState, SiteAdapter, adam_pace_scale, adapt
 
 # How far the C factors start from 1 (dW is zero at init through B = 0 either way).
 C_INIT_SPREAD = 0.2
-# Learning-rate multiplier of every CP factor relative to the LoRA lr of the config (the C's
-# get adam_pace_scale on top). One A and one B serve every layer and their summed gradient is
-# only partly coherent, so at LoRA's lr CP barely learns (tweet sentiment, q,v, r=64: test 0.463
-# at x1, 0.613 at x4, PEFT LoRA r=8 0.629): bench/RESULTS.md, "Learning quality". SmolLM2 learns
-# better still at x8, but tiny random-init models stop learning at x8 (2 layers) or x4 (8 layers):
-# the threshold moves with the model, so x4 stays ("cp's multiplier at 8x and on all-linear targets").
-CP_LR_SCALE = 4.0
+# Learning-rate multipliers of the CP factors relative to the LoRA lr of the config (the C's get
+# adam_pace_scale on top). One A and one B serve every layer and their summed gradient is only
+# partly coherent, so at LoRA's lr CP barely learns (tweet sentiment, q,v, r=64: test 0.463 at x1,
+# 0.613 at x4, PEFT LoRA r=8 0.629): bench/RESULTS.md, "Learning quality". How far above it a
+# tensor can go depends on its targets. The d_model mode is the INPUT side of q/k/v (gate/up) and
+# the OUTPUT side of o (down): a tensor holding both kinds writes, in every layer, into the very
+# subspace its sites in the next layers read, and one step moves all of them together. With that
+# loop tiny random-init models stop learning at 4-8x where reading-only (or writing-only) tensors
+# still learn at 8x; on SmolLM2, q,v learned best at 16x while all 7 projections (two loops)
+# collapsed one seed of two there (bench/RESULTS.md, "cp's multiplier follows the shared mode's loop").
+CP_LR_SCALE = 8.0  # a tensor whose targets only read (or only write) the d_model mode
+CP_LR_SCALE_LOOP = 4.0  # a tensor whose targets both read and write it (e.g. q,k,v,o; gate,up,down)
+WRITES_D_MODEL = ("o", "down")  # roles whose output axis is d_model; the others read it
+
+
+def lr_multiplier(roles) -> float:
+    """The multiplier of one tensor's factors given the roles it adapts (see CP_LR_SCALE)."""
+    writes = any(r in WRITES_D_MODEL for r in roles)
+    reads = any(r not in WRITES_D_MODEL for r in roles)
+    return CP_LR_SCALE_LOOP if writes and reads else CP_LR_SCALE
 
 
 def _uniform_around_one(*shape: int) -> nn.Parameter:
@@ -265,4 +278,10 @@ class CP(AdapterKind):
         shared = model.tensorft.shared
         c_scale = adam_pace_scale(1.0, self.shape.hidden_size)
         c_ids = {id(p) for p in shared.c_factors()}
-        return {n: c_scale * CP_LR_SCALE if id(p) in c_ids else CP_LR_SCALE for n, p in named.items()}
+        tensor_scale = {}  # id(parameter) -> its tensor's multiplier
+        for tensor in (shared.attention, shared.mlp):
+            if tensor is not None:
+                for p in tensor.parameters():
+                    tensor_scale[id(p)] = lr_multiplier(tensor.roles)
+        return {n: tensor_scale[id(p)] * (c_scale if id(p) in c_ids else 1.0)
+                for n, p in named.items() if id(p) in tensor_scale}
