@@ -184,3 +184,26 @@ def test_plot_keeps_coinciding_runs_readable():
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert not a.overlaps(b), (a, b)
+
+
+@pytest.mark.parametrize("counts", [(16_416, 43_776, 87_552, 460_800), (900, 1_200), (1_300, 1_700), (3_000, 2_400_000_000)])
+def test_parameter_axis_labels_are_counts_that_do_not_overprint(counts):
+    """The log x axis (trainable parameters) is labelled at 1/2/5 x 10^k as "20k", "1M"...: with
+    matplotlib's defaults a range under two decades labelled every minor tick and overprinted."""
+    runs = [_run(f"r{i}", "cp", i + 1, n, 0.6 + 0.01 * i) for i, n in enumerate(counts)]
+    fig = report.plot_figure(runs, "mean acc", "title")
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    lo, hi = ax.get_xlim()
+    shown = [t for t in ax.get_xticklabels(which="both") if t.get_visible() and t.get_text()
+             and lo <= t.get_position()[0] <= hi]
+    assert shown, "no x tick label"
+    assert all(t.get_text()[0].isdigit() and "times" not in t.get_text() for t in shown), [t.get_text() for t in shown]
+    boxes = [t.get_window_extent(renderer) for t in shown]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), ([t.get_text() for t in shown], a, b)
+
+
+def test_count_labels():
+    assert [report._count(x) for x in (500, 20_000, 1_500_000, 2e9)] == ["500", "20k", "1.5M", "2B"]

@@ -269,6 +269,26 @@ MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h"]
 LABEL_HEIGHT_PT = 10.0  # a label line's height (fontsize 8 plus leading), in points
 
 
+def _count(x: float, _pos=None) -> str:
+    """A parameter count as people write it: 500, 20k, 1.5M."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return f"{x / div:g}{unit}"
+    return f"{x:g}"
+
+
+def _readable_count_ticks(axis, lo: float, hi: float) -> None:
+    """Labels written as counts, at 1, 2 and 5 x 10^k when the data ``lo..hi`` span under 2.5
+    decades, else at powers of 10. Matplotlib's default labels every minor tick of a log axis
+    spanning under a decade or two, and "2x10^4 3x10^4 ..." overprint."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    subs = (1.0, 2.0, 5.0) if math.log10(hi / lo) < 2.5 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(FuncFormatter(_count))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_figure(runs: list[Run], ylabel: str, title: str):
     """The figure (Agg canvas: no display, no global pyplot state).
 
@@ -307,6 +327,8 @@ def plot_figure(runs: list[Run], ylabel: str, title: str):
         ax.axhline(value, linestyle="--", color="gray", linewidth=1, zorder=1)
     if by_kind:
         ax.set_xscale("log")
+        counts = [r.params for points in by_kind.values() for r in points]
+        _readable_count_ticks(ax.xaxis, min(counts), max(counts))
         ax.legend(title="adapter", fontsize=8)
     ax.margins(x=0.12, y=0.12)  # room for the labels of the outermost points
     ax.set_xlabel("trainable parameters")
