@@ -278,10 +278,10 @@ class CP(AdapterKind):
         shared = model.tensorft.shared
         c_scale = adam_pace_scale(1.0, self.shape.hidden_size)
         c_ids = {id(p) for p in shared.c_factors()}
-        tensor_scale = {}  # id(parameter) -> its tensor's multiplier
+        by_id = {}
         for tensor in (shared.attention, shared.mlp):
             if tensor is not None:
+                scale = lr_multiplier(tensor.roles)
                 for p in tensor.parameters():
-                    tensor_scale[id(p)] = lr_multiplier(tensor.roles)
-        return {n: tensor_scale[id(p)] * (c_scale if id(p) in c_ids else 1.0)
-                for n, p in named.items() if id(p) in tensor_scale}
+                    by_id[id(p)] = scale * (c_scale if id(p) in c_ids else 1.0)
+        return {n: by_id[id(p)] for n, p in named.items() if id(p) in by_id}
