@@ -313,3 +313,69 @@ def test_static_kinds_add_their_update_into_the_base_output(kind):
     with torch.no_grad():
         want = layer.base_layer(x.bfloat16()) + layer.adapter(x.bfloat16(), model.tensorft.state).bfloat16()
         torch.testing.assert_close(layer(x.bfloat16()), want, rtol=0, atol=0)
+
+
+class _ThinMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts matmuls with an operand that has a dimension of ``rank`` (an adapter's thin ones)."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.rank, self.count = rank, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            if any(isinstance(a, torch.Tensor) and self.rank in a.shape for a in args):
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _cp_step(model, ids):
+    """Loss, the CP factors' gradients and the thin matmuls of one forward + backward."""
+    model.zero_grad(set_to_none=True)
+    counter = _ThinMatmuls(rank=3)
+    with counter:
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in tensorft.adapter_parameters(model).items()}
+    return loss.detach(), grads, counter.count
+
+
+@pytest.mark.parametrize("targets", [ATTN, ALL], ids=["attention", "all"])
+def test_cp_computes_x_A_once_for_the_readers_of_a_layer(monkeypatch, targets):
+    """q, k, v (gate, up) of one layer read ``x A`` with the one model-wide A: computed once, so
+    fewer thin matmuls than once per site, with the same loss and gradients, also under
+    activation checkpointing (whose recompute must save what the forward saved); not shared
+    when each site draws its own dropout mask."""
+    model = tensorft.attach(tiny_llama(kv_heads=2, layers=2), {"kind": "cp", "rank": 3, "alpha": 6, "targets": targets})
+    randomize_adapters(model)
+    ids = tokens(seq=5)
+    shared = _cp_step(model, ids)
+    with monkeypatch.context() as m:  # the reference: every site computes its own x A
+        m.setattr(type(model.tensorft.state), "reuse_in_block", lambda self, key, inputs, compute: compute())
+        per_site = _cp_step(model, ids)
+    # Saved per layer: q,k,v: x A 3 -> 1 forward; backward its gradients into A and into x 6 -> 2
+    # (gate, up: 1 and 2), but the first layer's attention input needs no gradient (frozen
+    # embedding), so there its per-site run skips 3 of them too.
+    saved = (2 + 4) * 2 - 2 + ((1 + 2) * 2 if targets == ALL else 0)
+    assert per_site[2] - shared[2] == saved, (per_site[2], shared[2])
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    checkpointed = _cp_step(model, ids)
+    for run in (shared, checkpointed):
+        torch.testing.assert_close(run[0], per_site[0], rtol=1e-6, atol=1e-6)
+        for name, g in per_site[1].items():
+            torch.testing.assert_close(run[1][name], g, rtol=1e-5, atol=1e-6)
+
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    with torch.inference_mode():  # inference tensors have no version counter to check
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-6, atol=1e-6)
+
+    dropped = tensorft.attach(tiny_llama(kv_heads=2, layers=2),
+                              {"kind": "cp", "rank": 3, "alpha": 6, "targets": targets, "dropout": 0.1})
+    dropped.train()
+    assert _cp_step(dropped, ids)[2] == per_site[2]  # each site draws its own mask: nothing shared
+    dropped.eval()
+    assert _cp_step(dropped, ids)[2] == shared[2]  # no dropout in eval: shared again

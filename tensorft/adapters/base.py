@@ -21,6 +21,7 @@ through the base model), ``frozen_parameters`` (saved but not trained).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class AdapterState:
         self._aux_sinks: list[dict[str, torch.Tensor]] = []  # open collect_aux() blocks
         self.preparing = False  # inside a kind's prepare_routing: nested forwards skip it
         self._generation_memory: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._block_results: dict = {}  # see reuse_in_block; emptied whenever a frame enters or leaves
 
     # ---- the stack
 
@@ -108,11 +110,13 @@ class AdapterState:
 
     def enter(self, frame: Routing, call: bool) -> int:
         self._stack.append((frame, call))
+        self._block_results.clear()
         return len(self._stack) - 1
 
     def exit(self, depth: int) -> Routing:
         frame = self._stack[depth][0]
         del self._stack[depth:]
+        self._block_results.clear()
         return frame
 
     @contextlib.contextmanager
@@ -183,6 +187,40 @@ class AdapterState:
         """Add a scalar auxiliary loss to the current call; the trainers add it to the loss
         (scaled like the main loss under gradient accumulation) and log it as ``aux/<name>``."""
         self.call_frame().aux.add(name, value)
+
+    def reuse_in_block(self, key, inputs: tuple[torch.Tensor, ...], compute):
+        """``compute()``, or the value it returned for an earlier call with the same ``key`` and
+        the very same ``inputs`` (the same tensor objects, not modified in place since), in the
+        same grad and autocast mode, within the same decoder block's run.
+
+        For sites of one layer that read the same input through the same factor (CP's q, k, v
+        all compute ``x A`` with the model-wide A): one matmul instead of three forward, and in
+        backward autograd sums the three gradients of ``x A`` first, so two matmuls instead of six.
+
+        Every frame entering or leaving (each model forward, each checkpointed decoder block,
+        also when activation checkpointing re-runs it during backward) empties the store, so a
+        recompute reuses exactly where the original forward did (it must save the same tensors)
+        and nothing (no graph) outlives the block. A value whose gradient autograd has computed
+        is forgotten too: its graph is spent (a layer called directly, outside a model forward,
+        step after step on the same input). Inference tensors (``torch.inference_mode``) keep no
+        version to check, so nothing is reused for them."""
+        if any(t.is_inference() for t in inputs):
+            return compute()
+        device = inputs[0].device.type
+        stamp = (torch.is_grad_enabled(), torch.is_autocast_enabled(device), tuple(t._version for t in inputs))
+        held = self._block_results.get(key)
+        if held is not None and held[1] == stamp and all(a is b for a, b in zip(held[0], inputs)):
+            return held[2]
+        value = compute()
+        self._block_results[key] = (inputs, stamp, value)
+        if value.requires_grad:
+            value.register_hook(functools.partial(self._forget_block_result, key, id(value)))
+        return value
+
+    def _forget_block_result(self, key, value_id: int, grad: torch.Tensor) -> None:
+        held = self._block_results.get(key)
+        if held is not None and id(held[2]) == value_id:
+            del self._block_results[key]
 
     def generation_memory(self, cache) -> dict | None:
         """A dict that lives as long as ``cache`` (a generate call's ``past_key_values``): a
@@ -359,8 +397,17 @@ def lora_update(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
     computes in (a float32 adapter on a bf16 base without autocast; a 4-bit base computing in
     float32 under bf16 autocast): the sum keeps the base output's dtype. bench/RESULTS.md
     ("The update inside one addmm, factors row-major") measures the difference."""
-    A, Bt = A.contiguous(), B.t().contiguous()
-    h = F.linear(x, A)
+    return lora_output(lora_input(x, A), B, scale, base_out)
+
+
+def lora_input(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``x A^T`` (``A: r x d_in``): the first half of :func:`lora_update`."""
+    return F.linear(x, A.contiguous())
+
+
+def lora_output(h: torch.Tensor, B: torch.Tensor, scale: float, base_out: torch.Tensor | None = None) -> torch.Tensor:
+    """``s h B^T`` (+ ``base_out``) for ``h = x A^T``: the second half of :func:`lora_update`."""
+    Bt = B.t().contiguous()
     if base_out is None:
         return torch.matmul(h, Bt) * scale
     if base_out.dtype != h.dtype:

@@ -17,7 +17,9 @@ Fast path. Every slice has rank <= r, so one layer's update is the exact LoRA pa
 and for o the roles swap (``A_site = B_site(q-style)^T``, ``B_site = A``). Building the pair
 costs ``O((d_in + d_out) r)``, the size of a LoRA's own parameters, and the step is then two
 thin matmuls exactly as in LoRA. No ``d x d`` matrix is ever built (the reference code builds
-4L of them per step). The same pair is the merge and PEFT-export rule.
+4L of them per step). The same pair is the merge and PEFT-export rule. And since ``A_site`` is
+the same ``A^T`` for q, k and v (gate and up), which read the same input, a layer computes
+``x A`` once for all of them: fewer thin matmuls than a LoRA on the same targets.
 
 The factors are shared by all layers and live in ONE module (``model.tensorft.shared``);
 each layer's :class:`CPSite` only holds a plain reference to it.
@@ -33,7 +35,9 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..registry import register_adapter
 from ..topology import ATTENTION_ROLES, MLP_ROLES, Site
-from .base import AdapterKind, AdapterState, SiteAdapter, adam_pace_scale, adapter_input, lora_update
+from .base import (
+    AdapterKind, AdapterState, SiteAdapter, adam_pace_scale, adapter_input, lora_input, lora_output, lora_update,
+)
 
 # How far the C factors start from 1 (dW is zero at init through B = 0 either way).
 C_INIT_SPREAD = 0.2
@@ -159,8 +163,15 @@ class CPSite(SiteAdapter):
         A_site, B_site = self._tensor.site_factors(self.role, self.layer, self.scale)
         if A_site.device != x.device:  # a model split over GPUs (device_map): factors live on one
             A_site, B_site = A_site.to(x.device), B_site.to(x.device)
-        x = self.dropout(adapter_input(x, A_site.dtype))
-        return lora_update(x, A_site, B_site, 1.0, base_out)  # the scale is inside B_site
+        if self.role in WRITES_D_MODEL or (isinstance(self.dropout, nn.Dropout) and self.dropout.training):
+            x = self.dropout(adapter_input(x, A_site.dtype))
+            return lora_update(x, A_site, B_site, 1.0, base_out)  # the scale is inside B_site
+        # A_site is the model-wide A for every reader, so the layer's q, k, v (gate, up), which get
+        # the same input, compute x A once (a dropout mask per site would make the inputs differ).
+        h = state.reuse_in_block(
+            (self._tensor, self.layer), (x, self._tensor.A), lambda: lora_input(adapter_input(x, A_site.dtype), A_site)
+        )
+        return lora_output(h, B_site, 1.0, base_out)
 
 
 @register_adapter("cp")
