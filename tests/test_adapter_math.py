@@ -359,9 +359,10 @@ def test_cp_computes_x_A_once_for_the_readers_of_a_layer(monkeypatch, targets):
     saved = (2 + 4) * 2 - 2 + ((1 + 2) * 2 if targets == ALL else 0)
     assert per_site[2] - shared[2] == saved, (per_site[2], shared[2])
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     checkpointed = _cp_step(model, ids)
+    assert checkpointed[2] > shared[2]  # the blocks' forwards really ran again in backward
     for run in (shared, checkpointed):
         torch.testing.assert_close(run[0], per_site[0], rtol=1e-6, atol=1e-6)
         for name, g in per_site[1].items():
